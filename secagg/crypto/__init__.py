@@ -1,0 +1,1 @@
+"""Thin wrappers over ``cryptography``: key agreement, KDF, AEAD, PRG, Shamir, signatures."""

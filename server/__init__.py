@@ -1,0 +1,1 @@
+"""asyncio websocket driver for :class:`secagg.protocol.ServerProtocol`."""
