@@ -1,0 +1,121 @@
+"""Pieces both ends of the protocol must compute identically.
+
+Round parameters, the encoder they imply, the byte strings that get signed,
+channel keys and associated data: each is defined once here so the peer and
+the server cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from secagg.crypto.aead import AssociatedData
+from secagg.crypto.kdf import PROTOCOL_ID, derive_key
+from secagg.crypto.keys import agree
+from secagg.encoding import Quantizer, WeightedEncoding
+from secagg.errors import ProtocolError
+from secagg.graph import GraphKind, check_threshold
+from secagg.wire import SERVER, Envelope, Message
+
+ThreatModel = Literal["honest-but-curious", "active"]
+THREAT_MODELS: tuple[ThreatModel, ...] = ("honest-but-curious", "active")
+GRAPH_KINDS: tuple[GraphKind, ...] = ("complete", "sparse")
+
+CHANNEL = "channel"
+SHARE_KEYS = "share-keys"
+PARTIAL_SUM = "partial-sum"
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Turns a peer's float input into ring elements and the ring sum back into floats."""
+
+    quantizer: Quantizer
+    weighted: WeightedEncoding | None
+
+    @classmethod
+    def create(cls, *, n: int, dim: int, clip: float, scale: float | None, modulus_bits: int,
+               weighted: bool, max_weight: float) -> Encoder:
+        """Build (and capacity-check for ``n`` peers) the encoder a round uses.
+
+        ``dim`` is the caller's vector length; with ``weighted`` the wire carries dim + 1.
+        """
+        if weighted:
+            encoding = WeightedEncoding.for_peers(n, clip=clip, max_weight=max_weight,
+                                                  modulus_bits=modulus_bits, scale=scale)
+            return cls(quantizer=encoding.quantizer, weighted=encoding)
+        return cls(quantizer=Quantizer.for_peers(n, clip=clip, modulus_bits=modulus_bits,
+                                                 scale=scale), weighted=None)
+
+    @property
+    def dtype(self) -> np.dtype[np.unsignedinteger]:
+        dtype: np.dtype[np.unsignedinteger] = self.quantizer.dtype
+        return dtype
+
+    def encode(self, values: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
+        if self.weighted is not None:
+            return self.weighted.encode(values, weight, rng)
+        return self.quantizer.encode(values, rng)
+
+
+def signed_keys_message(session: bytes, round: int, name: str, channel_key: bytes,
+                        mask_key: bytes) -> bytes:
+    """What a peer signs in R0 under the active threat model."""
+    return b"|".join([PROTOCOL_ID, b"advertise", session, struct.pack(">Q", round),
+                      name.encode(), channel_key, mask_key])
+
+
+def consistency_message(session: bytes, round: int, contributors: Iterable[int]) -> bytes:
+    """What a peer signs in R3: the session, the round and U3."""
+    members = sorted(contributors)
+    return b"|".join([PROTOCOL_ID, b"consistency", session, struct.pack(">Q", round),
+                      struct.pack(f">{len(members)}I", *members)])
+
+
+def channel_key(own_private: bytes | X25519PrivateKey, other_public: bytes, session: bytes,
+                round: int) -> bytes:
+    """The symmetric AEAD key of a pair of peers for this round."""
+    return derive_key(agree(own_private, other_public), purpose=CHANNEL, session=session,
+                      round=round)
+
+
+def associated(session: bytes, round: int, purpose: str, sender: int,
+               receiver: int) -> AssociatedData:
+    return AssociatedData(session=session, round=round, purpose=purpose, sender=sender,
+                          receiver=receiver)
+
+
+def check_round_shape(size: int, threshold: int, threat_model: str, graph_kind: str) -> None:
+    """Raise ProtocolError unless the announced round shape is one we accept."""
+    if threat_model not in THREAT_MODELS:
+        raise ProtocolError(f"unknown threat model {threat_model!r}")
+    if graph_kind not in GRAPH_KINDS:
+        raise ProtocolError(f"unknown graph kind {graph_kind!r}")
+    try:
+        check_threshold(size, threshold)
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def envelope(session: bytes, round: int, sender: str, body: Message) -> Envelope:
+    return Envelope(session=session, round=round, sender=sender, body=body)
+
+
+def check_envelope(env: Envelope, session: bytes, round: int) -> None:
+    """Reject frames from another session or round (replays) with a precise error."""
+    if env.session != session:
+        raise ProtocolError(f"{env.type} from {env.sender!r} belongs to another session "
+                            "(replayed or misdirected)")
+    if env.round != round:
+        raise ProtocolError(f"{env.type} from {env.sender!r} is for round {env.round}, "
+                            f"this is round {round} (replayed or late)")
+
+
+def is_server(sender: str) -> bool:
+    return sender == SERVER

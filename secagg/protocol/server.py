@@ -1,0 +1,732 @@
+"""ServerProtocol: the coordinator's side of a round, as a sans-I/O state machine.
+
+The server never sees an individual masked input: peers sum their inputs along
+the accumulation tree and the root sends one combined vector, only with at least
+t contributors. The server then collects Shamir shares (of b_u for every
+contributor, of s_sk_u for every peer of U2 that did not contribute, never both
+for one peer), removes the masks and decodes the sum.
+
+Transitions are the table :data:`SERVER_TRANSITIONS`. :meth:`ServerProtocol.handle`
+raises :class:`ProtocolError` for an unlisted message before changing anything;
+the driver then calls :meth:`ServerProtocol.reject`, which drops the sender with
+reason ``bad_message`` and lets the round go on for everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from secagg.crypto import shamir
+from secagg.crypto.keys import RandomBytes, agree, load_private, public_from_private
+from secagg.crypto.prg import MaskGenerator
+from secagg.crypto.signing import verify
+from secagg.errors import CryptoError, ProtocolError
+from secagg.graph import (
+    AccumulationTree,
+    GraphKind,
+    NeighbourGraph,
+    build_tree,
+    check_threshold,
+    make_graph,
+)
+from secagg.masking import remove_pair_mask, remove_self_mask
+from secagg.protocol.common import (
+    GRAPH_KINDS,
+    THREAT_MODELS,
+    Encoder,
+    ThreatModel,
+    check_envelope,
+    consistency_message,
+    envelope,
+    signed_keys_message,
+)
+from secagg.protocol.events import (
+    Action,
+    CancelTimer,
+    DeliveryFailed,
+    Disconnect,
+    DropReason,
+    Event,
+    MessageReceived,
+    PeerGone,
+    RoundFinished,
+    Send,
+    ServerOutcome,
+    SetTimer,
+    TimerExpired,
+)
+from secagg.wire import (
+    SERVER,
+    SESSION_BYTES,
+    AdvertiseKeys,
+    AncestorsUnreachable,
+    ConsistencyRequest,
+    ConsistencySignature,
+    Envelope,
+    Limits,
+    MaskingStart,
+    Message,
+    NewRoot,
+    PeerEntry,
+    Refusal,
+    Rejected,
+    RootAbort,
+    RootAggregate,
+    Roster,
+    RoundOutcome,
+    ShareReport,
+    SignedIndex,
+    UnmaskRequest,
+    UnmaskShares,
+    message_types,
+)
+
+log = logging.getLogger("secagg.server")
+
+PHASE_TIMER = "phase"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the coordinator decides about a round. Validated on construction."""
+
+    session: bytes
+    round: int
+    min_peers: int
+    threshold: int
+    dim: int
+    threat_model: ThreatModel = "honest-but-curious"
+    graph: GraphKind = "complete"
+    fan_in: int = 8
+    clip: float = 1.0
+    scale: float | None = None
+    modulus_bits: int = 32
+    weighted: bool = False
+    max_weight: float = 1.0
+    phase_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if len(self.session) != SESSION_BYTES:
+            raise ValueError(f"session id must be {SESSION_BYTES} bytes")
+        if self.min_peers < 2:
+            raise ValueError(f"min_peers must be at least 2, got {self.min_peers}")
+        check_threshold(self.min_peers, self.threshold)
+        if self.dim < 1:
+            raise ValueError(f"dim must be positive, got {self.dim}")
+        if self.threat_model not in THREAT_MODELS:
+            raise ValueError(f"threat model must be one of {THREAT_MODELS}")
+        if self.graph not in GRAPH_KINDS:
+            raise ValueError(f"graph must be one of {GRAPH_KINDS}")
+        if self.fan_in < 2:
+            raise ValueError(f"fan_in must be at least 2, got {self.fan_in}")
+        if not self.phase_timeout > 0:
+            raise ValueError("phase_timeout must be positive")
+
+    def encoder(self) -> Encoder:
+        return Encoder.create(n=self.min_peers, dim=self.dim, clip=self.clip, scale=self.scale,
+                              modulus_bits=self.modulus_bits, weighted=self.weighted,
+                              max_weight=self.max_weight)
+
+    @property
+    def wire_dim(self) -> int:
+        return self.dim + (1 if self.weighted else 0)
+
+
+class ServerState(StrEnum):
+    IDLE = "idle"
+    COLLECTING_KEYS = "collecting_keys"  # R0
+    SHARING = "sharing"  # R1
+    MASKING = "masking"  # R2
+    CONSISTENCY = "consistency"  # R3 (active only)
+    UNMASKING = "unmasking"  # R4
+    FINISHED = "finished"
+
+
+_S = ServerState
+_AFTER_R0 = (_S.SHARING, _S.MASKING, _S.CONSISTENCY, _S.UNMASKING, _S.FINISHED)
+
+SERVER_TRANSITIONS: dict[tuple[ServerState, str], str] = {
+    # After the round, stragglers' messages are logged and ignored.
+    **{(_S.FINISHED, name): "_on_late" for name in message_types()},
+    (_S.COLLECTING_KEYS, AdvertiseKeys.TYPE): "_on_advertise",
+    **{(state, AdvertiseKeys.TYPE): "_on_late_registration" for state in _AFTER_R0},
+    (_S.SHARING, ShareReport.TYPE): "_on_share_report",
+    (_S.MASKING, RootAggregate.TYPE): "_on_root_aggregate",
+    (_S.MASKING, RootAbort.TYPE): "_on_root_abort",
+    (_S.MASKING, AncestorsUnreachable.TYPE): "_on_ancestors_unreachable",
+    (_S.CONSISTENCY, ConsistencySignature.TYPE): "_on_signature",
+    (_S.UNMASKING, UnmaskShares.TYPE): "_on_unmask_shares",
+    **{(state, ShareReport.TYPE): "_on_late" for state in _AFTER_R0 if state != _S.SHARING},
+    **{(state, AncestorsUnreachable.TYPE): "_on_late"
+       for state in (_S.CONSISTENCY, _S.UNMASKING, _S.FINISHED)},
+    **{(state, RootAbort.TYPE): "_on_late"
+       for state in (_S.CONSISTENCY, _S.UNMASKING, _S.FINISHED)},
+    (_S.MASKING, Refusal.TYPE): "_on_refusal",
+    (_S.CONSISTENCY, Refusal.TYPE): "_on_refusal",
+    (_S.UNMASKING, Refusal.TYPE): "_on_refusal",
+}
+"""(state, message type) -> handler. Anything else is a ProtocolError."""
+
+
+class ServerProtocol:
+    """The coordinator of one round."""
+
+    def __init__(self, config: ServerConfig, *, random_bytes: RandomBytes = os.urandom,
+                 record_view: bool = False) -> None:
+        self.config = config
+        self.encoder = config.encoder()  # fails early if the encoding cannot fit
+        self._random_bytes = random_bytes
+        self.state = ServerState.IDLE
+        self.outcome: ServerOutcome | None = None
+        self.record_view = record_view
+        self.view: list[Envelope] = []
+        """With ``record_view``: every message this server accepted, for privacy checks."""
+
+        self._registered: dict[str, AdvertiseKeys] = {}
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        self._entries: list[PeerEntry] = []
+        self._graph: NeighbourGraph | None = None
+        self._tree: AccumulationTree | None = None
+        self._gone: set[int] = set()
+        self.dropped: dict[str, DropReason] = {}
+        self.drop_details: dict[str, str] = {}
+        self._reports: dict[int, frozenset[int]] = {}
+        self._holders: dict[int, set[int]] = {}
+        self.u2: frozenset[int] = frozenset()
+        self.u3: frozenset[int] = frozenset()
+        self.u4: frozenset[int] = frozenset()
+        self._root = -1
+        self._new_root_expected: list[int] = []
+        self._aggregate: np.ndarray | None = None
+        self._signatures: dict[int, bytes] = {}
+        self._told_outcome: set[int] = set()
+        self._asked: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._answered: set[int] = set()
+        self._b_shares: dict[int, list[shamir.Share]] = {}
+        self._s_shares: dict[int, list[shamir.Share]] = {}
+        self.stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ API
+
+    def start(self) -> list[Action]:
+        """Open registration (R0)."""
+        if self.state is not ServerState.IDLE:
+            raise ProtocolError("round already started")
+        self.state = ServerState.COLLECTING_KEYS
+        return [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
+
+    def handle(self, event: Event) -> list[Action]:
+        if isinstance(event, MessageReceived):
+            return self._receive(event.envelope)
+        if self.state is ServerState.FINISHED:
+            return []
+        if isinstance(event, TimerExpired):
+            return self._close_phase() if event.name == PHASE_TIMER else []
+        if isinstance(event, PeerGone):
+            return self._on_peer_gone(event.name)
+        if isinstance(event, DeliveryFailed):
+            return self._on_peer_gone(event.recipient)
+        raise TypeError(f"not a protocol event: {event!r}")
+
+    def reject(self, name: str, reason: str) -> list[Action]:
+        """Drop ``name`` for sending a bad frame; the round goes on without it."""
+        log.warning("dropping %r: %s", name, reason)
+        actions: list[Action] = [Disconnect(name, reason)]
+        if name not in self._index and name not in self._registered:
+            return actions
+        if self.state is ServerState.COLLECTING_KEYS:
+            self._registered.pop(name, None)
+            return actions
+        self.dropped.setdefault(name, DropReason.BAD_MESSAGE)
+        self.drop_details.setdefault(name, reason)
+        if self.state is ServerState.FINISHED:
+            return actions
+        return actions + self._on_peer_gone(name)
+
+    def limits(self) -> Limits:
+        """Decoding limits for frames arriving at this server."""
+        return Limits.for_round(max_peers=self.config.min_peers, dim=self.config.wire_dim,
+                                modulus_bits=self.config.modulus_bits)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is ServerState.FINISHED
+
+    # ------------------------------------------------------------ dispatch
+
+    def _receive(self, env: Envelope) -> list[Action]:
+        check_envelope(env, self.config.session, self.config.round)
+        if env.sender == SERVER:
+            raise ProtocolError("a peer may not claim to be the server")
+        handler = SERVER_TRANSITIONS.get((self.state, env.type))
+        if handler is None:
+            raise ProtocolError(f"server in state {self.state} cannot accept {env.type} "
+                                f"from {env.sender!r}")
+        if env.type != AdvertiseKeys.TYPE:
+            if env.sender not in self._index:
+                raise ProtocolError(f"{env.type} from {env.sender!r}, who is not on the roster")
+            if self._index[env.sender] in self._gone:
+                raise ProtocolError(f"{env.type} from {env.sender!r}, already dropped")
+        actions: list[Action] = getattr(self, handler)(env)
+        if self.record_view:
+            self.view.append(env)
+        return actions
+
+    # --------------------------------------------------------------- R0
+
+    def _on_advertise(self, env: Envelope) -> list[Action]:
+        keys = env.body
+        assert isinstance(keys, AdvertiseKeys)
+        if env.sender in self._registered:
+            raise ProtocolError(f"duplicate registration for peer id {env.sender!r}")
+        if self.config.threat_model == "active":
+            try:
+                verify(keys.identity_key, signed_keys_message(
+                    env.session, env.round, env.sender, keys.channel_key, keys.mask_key),
+                    keys.signature)
+            except CryptoError as exc:
+                raise ProtocolError(f"keys of {env.sender!r} are not validly signed: "
+                                    f"{exc}") from None
+        if keys.channel_key == keys.mask_key:
+            raise ProtocolError(f"{env.sender!r} advertised the same key twice")
+        self._registered[env.sender] = keys
+        if len(self._registered) >= self.config.min_peers:
+            return self._close_registration()
+        return []
+
+    def _on_late(self, env: Envelope) -> list[Action]:
+        # A message of an earlier phase that crossed the phase change: harmless.
+        log.info("ignoring late %s from %r", env.type, env.sender)
+        return []
+
+    def _on_late_registration(self, env: Envelope) -> list[Action]:
+        reason = "registration for this round is closed"
+        if env.sender in self._index:
+            reason = f"peer id {env.sender!r} is already registered in this round"
+        return [self._send_name(env.sender, Rejected(reason=reason))]
+
+    def _close_registration(self) -> list[Action]:
+        count = len(self._registered)
+        if count < self.config.threshold:
+            return self._abort(f"only {count} peers registered, threshold is "
+                               f"{self.config.threshold}")
+        self.names = sorted(self._registered)
+        self._index = {name: i for i, name in enumerate(self.names)}
+        n = len(self.names)
+        self._entries = [PeerEntry(index=i, name=name, address=keys.address,
+                                   channel_key=keys.channel_key, mask_key=keys.mask_key,
+                                   identity_key=keys.identity_key, signature=keys.signature)
+                         for i, (name, keys) in
+                         enumerate((name, self._registered[name]) for name in self.names)]
+        graph_seed = self._random_bytes(32)
+        self._graph = make_graph(self.config.graph, n, self.config.threshold, graph_seed)
+        self.stats.update(registered=n, graph=self.config.graph, degree=self._graph.degree,
+                          share_threshold=self._graph.share_threshold)
+        self.state = ServerState.SHARING
+        q = self.encoder.quantizer
+        actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
+        for u in range(n):
+            actions.append(self._send(u, Roster(
+                your_index=u, size=n, threshold=self.config.threshold,
+                dim=self.config.wire_dim, modulus_bits=q.modulus_bits,
+                clip=self.config.clip, scale=q.scale, weighted=self.config.weighted,
+                max_weight=self.config.max_weight, threat_model=self.config.threat_model,
+                graph_kind=self._graph.kind, graph_seed=graph_seed,
+                degree=self._graph.degree, share_threshold=self._graph.share_threshold,
+                fan_in=self.config.fan_in, phase_timeout=self.config.phase_timeout,
+                neighbours=[self._entries[v] for v in self._graph.neighbours(u)])))
+        return actions
+
+    # --------------------------------------------------------------- R1
+
+    def _on_share_report(self, env: Envelope) -> list[Action]:
+        report = env.body
+        assert isinstance(report, ShareReport) and self._graph is not None
+        u = self._index[env.sender]
+        if u in self._reports:
+            raise ProtocolError(f"duplicate share report from {env.sender!r}")
+        received = frozenset(report.received_from)
+        if len(received) != len(report.received_from):
+            raise ProtocolError("share report lists a peer twice")
+        if not received <= set(self._graph.neighbours(u)):
+            raise ProtocolError("share report names peers outside the neighbourhood")
+        self._reports[u] = received
+        return self._close_phase() if self._phase_complete() else []
+
+    def _close_sharing(self) -> list[Action]:
+        assert self._graph is not None
+        n = len(self.names)
+        self._holders = {u: set() for u in range(n)}
+        for holder, senders in self._reports.items():
+            for u in senders:
+                self._holders[u].add(holder)
+        survivors = set()
+        for u in range(n):
+            if u not in self._reports:
+                self._drop(u, DropReason.NO_SHARE_REPORT)
+            elif len(self._holders[u]) < self._graph.share_threshold:
+                self._drop(u, DropReason.SHARE_DELIVERY_FAILED,
+                           f"shares reached {len(self._holders[u])} neighbours, "
+                           f"{self._graph.share_threshold} needed")
+            else:
+                survivors.add(u)
+        self.u2 = frozenset(survivors)
+        self.stats["u2"] = len(self.u2)
+        if len(self.u2) < self.config.threshold:
+            return self._abort(f"U2 has {len(self.u2)} peers, below the threshold "
+                               f"{self.config.threshold}")
+        return self._start_masking()
+
+    # --------------------------------------------------------------- R2
+
+    def _start_masking(self) -> list[Action]:
+        assert self._graph is not None
+        tree_seed = self._random_bytes(32)
+        tree = build_tree(sorted(self.u2), tree_seed, self.config.fan_in)
+        self._tree = tree
+        self._root = tree.root()
+        self.state = ServerState.MASKING
+        self.stats["tree_depth"] = tree.max_depth
+        actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
+        timeout, depth_slots = self.config.phase_timeout, tree.max_depth + 2
+        for u in sorted(self.u2):
+            if u in self._gone:
+                continue
+            descendants = [d for d in tree.subtree(u) if d != u]
+            ancestors = list(tree.ancestors(u))
+            parents = [tree.parent(d) for d in descendants]
+            contacts = [self._entries[p] for p in (*ancestors, *descendants)]
+            survivors = sorted(self.u2.intersection(self._graph.neighbours(u)))
+            # Deeper relays give up waiting earlier, so that a relay's deadline falls
+            # before its parent's and the root's before the server's.
+            forward_after = timeout * (tree.max_depth - tree.depth(u) + 1) / depth_slots
+            actions.append(self._send(u, MaskingStart(
+                survivors=survivors, total_survivors=len(self.u2), tree_seed=tree_seed,
+                ancestors=ancestors, descendants=descendants,
+                descendant_parents=[p for p in parents if p is not None],
+                contacts=contacts, forward_after=forward_after)))
+        for u in range(len(self.names)):
+            if u not in self.u2 and u not in self._gone:
+                self._told_outcome.add(u)
+                actions.append(self._send(u, RoundOutcome(
+                    status="excluded", contributors=[],
+                    reason=f"not in U2: {self.drop_details.get(self.names[u], '')}")))
+        return actions
+
+    def _on_ancestors_unreachable(self, env: Envelope) -> list[Action]:
+        assert self._tree is not None
+        u = self._index[env.sender]
+        if u not in self.u2:
+            raise ProtocolError(f"{env.sender!r} is not in U2")
+        if u == self._root:
+            raise ProtocolError("the root has no ancestors to lose")
+        old_root = self._tree.root()
+        if self._root != old_root:
+            # A new root is already named: point this peer at it.
+            return [self._send(u, NewRoot(root=self._entries[self._root], expected=[],
+                                          contacts=[], forward_after=0.0))]
+        # Name the reporting peer the new root: it is alive and holds a partial sum.
+        self._root = u
+        self._gone.add(old_root)
+        expected = [c for c in self._tree.children(old_root)
+                    if c != u and c not in self._gone]
+        log.info("root %s unreachable; %s is the new root", self.names[old_root],
+                 self.names[u])
+        self.stats["new_root"] = self.names[u]
+        return [self._send(u, NewRoot(
+            root=self._entries[u], expected=expected,
+            contacts=[self._entries[c] for c in expected],
+            forward_after=self.config.phase_timeout / (self._tree.max_depth + 2)))]
+
+    def _on_root_aggregate(self, env: Envelope) -> list[Action]:
+        aggregate = env.body
+        assert isinstance(aggregate, RootAggregate)
+        if self._index[env.sender] != self._root:
+            raise ProtocolError(f"{env.sender!r} is not the root and may not send the "
+                                "aggregate")
+        contributors = frozenset(aggregate.contributors)
+        if len(contributors) != len(aggregate.contributors):
+            raise ProtocolError("aggregate lists a contributor twice")
+        if not contributors <= self.u2:
+            raise ProtocolError("aggregate names contributors outside U2")
+        if len(contributors) < self.config.threshold:
+            raise ProtocolError(f"aggregate has {len(contributors)} contributors, below the "
+                                f"threshold {self.config.threshold}")
+        if aggregate.vector.dtype != self.encoder.dtype:
+            raise ProtocolError(f"aggregate dtype {aggregate.vector.dtype} is not the ring "
+                                f"{self.encoder.dtype}")
+        self._aggregate = aggregate.vector.copy()
+        self.u3 = contributors
+        self.stats["u3"] = len(self.u3)
+        for u in sorted(self.u2 - self.u3):
+            self._drop(u, DropReason.NO_MASKED_INPUT)
+        if self.config.threat_model == "active":
+            return self._start_consistency()
+        self.u4 = self.u3
+        return self._start_unmasking()
+
+    def _on_root_abort(self, env: Envelope) -> list[Action]:
+        body = env.body
+        assert isinstance(body, RootAbort)
+        if self._index[env.sender] != self._root:
+            raise ProtocolError(f"{env.sender!r} is not the root")
+        return self._abort(f"only {body.contributor_count} masked inputs reached the root, "
+                           f"threshold is {self.config.threshold}")
+
+    # --------------------------------------------------------------- R3
+
+    def _start_consistency(self) -> list[Action]:
+        self.state = ServerState.CONSISTENCY
+        actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
+        contributors = sorted(self.u3)
+        for u in contributors:
+            if u not in self._gone:
+                actions.append(self._send(u, ConsistencyRequest(contributors=contributors)))
+        return actions + (self._close_phase() if self._phase_complete() else [])
+
+    def _on_signature(self, env: Envelope) -> list[Action]:
+        body = env.body
+        assert isinstance(body, ConsistencySignature)
+        u = self._index[env.sender]
+        if u not in self.u3:
+            raise ProtocolError(f"{env.sender!r} is not in U3")
+        if u in self._signatures:
+            raise ProtocolError(f"duplicate signature from {env.sender!r}")
+        try:
+            verify(self._entries[u].identity_key,
+                   consistency_message(self.config.session, self.config.round, self.u3),
+                   body.signature)
+        except CryptoError as exc:
+            raise ProtocolError(f"invalid consistency signature: {exc}") from None
+        self._signatures[u] = body.signature
+        return self._close_phase() if self._phase_complete() else []
+
+    def _close_consistency(self) -> list[Action]:
+        self.u4 = frozenset(self._signatures)
+        self.stats["u4"] = len(self.u4)
+        for u in sorted(self.u3 - self.u4):
+            self._drop(u, DropReason.SIGNATURE_MISSING)
+        if len(self.u4) < self.config.threshold:
+            return self._abort(f"only {len(self.u4)} consistency signatures, threshold is "
+                               f"{self.config.threshold}")
+        return self._start_unmasking()
+
+    # --------------------------------------------------------------- R4
+
+    def _start_unmasking(self) -> list[Action]:
+        assert self._graph is not None
+        self.state = ServerState.UNMASKING
+        actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
+        dropped_all = self.u2 - self.u3
+        signatures = [SignedIndex(index=u, signature=s)
+                      for u, s in sorted(self._signatures.items())]
+        full_u3 = self.config.graph == "complete" or self.config.threat_model == "active"
+        for v in sorted(self.u4):
+            if v in self._gone:
+                continue
+            neighbourhood = frozenset(self._graph.neighbours(v))
+            contributors = self.u3 & neighbourhood
+            dropped = dropped_all & neighbourhood
+            self._asked[v] = (contributors, dropped)
+            actions.append(self._send(v, UnmaskRequest(
+                contributors=sorted(self.u3 if full_u3 else contributors),
+                dropped=sorted(dropped), total_contributors=len(self.u3),
+                signatures=signatures)))
+        return actions + (self._close_phase() if self._phase_complete() else [])
+
+    def _on_unmask_shares(self, env: Envelope) -> list[Action]:
+        body = env.body
+        assert isinstance(body, UnmaskShares)
+        v = self._index[env.sender]
+        if v not in self._asked:
+            raise ProtocolError(f"{env.sender!r} was not asked for unmasking shares")
+        if v in self._answered:
+            raise ProtocolError(f"duplicate unmasking shares from {env.sender!r}")
+        contributors, dropped = self._asked[v]
+        b_parsed = self._parse_shares(v, body.self_mask_shares, contributors, "self-mask")
+        s_parsed = self._parse_shares(v, body.secret_key_shares, dropped, "secret-key")
+        self._answered.add(v)
+        for owner, share in b_parsed:
+            self._b_shares.setdefault(owner, []).append(share)
+        for owner, share in s_parsed:
+            self._s_shares.setdefault(owner, []).append(share)
+        return self._close_phase() if self._phase_complete() else []
+
+    def _parse_shares(self, v: int, shares: Sequence[Any], allowed: frozenset[int],
+                      kind: str) -> list[tuple[int, shamir.Share]]:
+        parsed: list[tuple[int, shamir.Share]] = []
+        seen: set[int] = set()
+        for item in shares:
+            if item.owner not in allowed or v not in self._holders.get(item.owner, ()):
+                raise ProtocolError(f"unrequested {kind} share of peer {item.owner}")
+            if item.owner in seen:
+                raise ProtocolError(f"two {kind} shares of peer {item.owner}")
+            seen.add(item.owner)
+            try:
+                parsed.append((item.owner, shamir.Share.from_bytes(v + 1, item.share)))
+            except CryptoError as exc:
+                raise ProtocolError(f"malformed {kind} share: {exc}") from None
+        return parsed
+
+    def _on_refusal(self, env: Envelope) -> list[Action]:
+        body = env.body
+        assert isinstance(body, Refusal)
+        u = self._index[env.sender]
+        log.warning("%s refused: %s", env.sender, body.reason)
+        self._drop(u, DropReason.REFUSED, body.reason)
+        self._gone.add(u)
+        return self._close_phase() if self._phase_complete() else []
+
+    def _finish_unmasking(self) -> list[Action]:
+        assert self._graph is not None and self._aggregate is not None
+        for u in sorted(self._asked):
+            if u not in self._answered:
+                self._drop(u, DropReason.UNMASK_SHARE_MISSING)
+        threshold = self._graph.share_threshold
+        total = self._aggregate
+        generator = MaskGenerator(total.shape[0], total.dtype)
+        session, round_number = self.config.session, self.config.round
+        try:
+            for u in sorted(self.u3):
+                seed = self._recover(u, self._b_shares.get(u, []), threshold, "self mask")
+                remove_self_mask(total, seed, session=session, round=round_number,
+                                 generator=generator)
+            for u in sorted(self.u2 - self.u3):
+                secret = load_private(
+                    self._recover(u, self._s_shares.get(u, []), threshold, "mask key"))
+                for v in self._graph.neighbours(u):
+                    if v in self.u3:
+                        seed = agree(secret, self._entries[v].mask_key)
+                        remove_pair_mask(total, dropped=u, survivor=v, seed=seed,
+                                         session=session, round=round_number,
+                                         generator=generator)
+        except ProtocolError as exc:
+            return self._abort(str(exc))
+        total_weight: float | None = None
+        if self.encoder.weighted is not None:
+            aggregate, total_weight = self.encoder.weighted.decode_mean(total)
+        else:
+            aggregate = self.encoder.quantizer.decode(total)
+        return self._finish(ServerOutcome(
+            status="ok", round=self.config.round, aggregate=aggregate,
+            contributors=tuple(self.names[u] for u in sorted(self.u3)),
+            dropped=self._dropped_view(), threshold=self.config.threshold,
+            total_weight=total_weight, stats=self._final_stats()))
+
+    def _recover(self, owner: int, shares: list[shamir.Share], threshold: int,
+                 what: str) -> bytes:
+        name = self.names[owner]
+        if len(shares) < threshold:
+            raise ProtocolError(f"cannot unmask: {len(shares)} shares of the {what} of "
+                                f"{name!r}, {threshold} needed")
+        try:
+            # t shares suffice. A wrong secret key is caught below against its public
+            # key; under the active model the extra shares are also checked for a lie.
+            if self.config.threat_model == "active":
+                secret = shamir.reconstruct_checked(shares, threshold=threshold)
+            else:
+                secret = shamir.reconstruct(shares, threshold=threshold)
+        except CryptoError as exc:
+            raise ProtocolError(f"shares of the {what} of {name!r} are inconsistent: "
+                                f"{exc}") from None
+        if what == "mask key" and public_from_private(secret) != self._entries[owner].mask_key:
+            raise ProtocolError(f"reconstructed mask key of {name!r} does not match its "
+                                "advertised public key")
+        return secret
+
+    # ----------------------------------------------------- phase control
+
+    def _awaited(self) -> set[int]:
+        """Peers whose message the current phase still waits for."""
+        if self.state is ServerState.SHARING:
+            return {u for u in range(len(self.names)) if u not in self._reports}
+        if self.state is ServerState.CONSISTENCY:
+            return set(self.u3) - set(self._signatures)
+        if self.state is ServerState.UNMASKING:
+            return set(self._asked) - self._answered
+        return set()
+
+    def _phase_complete(self) -> bool:
+        return not (self._awaited() - self._gone)
+
+    def _close_phase(self) -> list[Action]:
+        if self.state is ServerState.COLLECTING_KEYS:
+            return self._close_registration()
+        if self.state is ServerState.SHARING:
+            return self._close_sharing()
+        if self.state is ServerState.MASKING:
+            return self._abort("no aggregate reached the server before the deadline")
+        if self.state is ServerState.CONSISTENCY:
+            return self._close_consistency()
+        if self.state is ServerState.UNMASKING:
+            return self._finish_unmasking()
+        return []
+
+    def _on_peer_gone(self, name: str) -> list[Action]:
+        if self.state is ServerState.COLLECTING_KEYS:
+            self._registered.pop(name, None)
+            return []
+        u = self._index.get(name)
+        if u is None or u in self._gone:
+            return []
+        self._gone.add(u)
+        if self.state in (ServerState.SHARING, ServerState.CONSISTENCY,
+                          ServerState.UNMASKING) and self._phase_complete():
+            return self._close_phase()
+        return []
+
+    # ------------------------------------------------------------ endings
+
+    def _drop(self, u: int, reason: DropReason, detail: str = "") -> None:
+        name = self.names[u]
+        if name not in self.dropped:
+            self.dropped[name] = reason
+            self.drop_details[name] = detail or reason.value
+
+    def _dropped_view(self) -> dict[str, str]:
+        return {name: reason.value for name, reason in sorted(self.dropped.items())}
+
+    def _final_stats(self) -> dict[str, Any]:
+        stats = dict(self.stats)
+        stats.update(u1=len(self.names), u2=len(self.u2), u3=len(self.u3), u4=len(self.u4),
+                     drop_details=dict(sorted(self.drop_details.items())))
+        return stats
+
+    def _abort(self, reason: str) -> list[Action]:
+        log.warning("round %d aborted: %s", self.config.round, reason)
+        return self._finish(ServerOutcome(
+            status="aborted", round=self.config.round, aggregate=None,
+            contributors=(), dropped=self._dropped_view(), threshold=self.config.threshold,
+            reason=reason, stats=self._final_stats()))
+
+    def _finish(self, outcome: ServerOutcome) -> list[Action]:
+        self.state = ServerState.FINISHED
+        self.outcome = outcome
+        # The masked aggregate and the shares are not needed any more.
+        self._aggregate = None
+        self._b_shares.clear()
+        self._s_shares.clear()
+        notice = RoundOutcome(status=outcome.status, contributors=list(outcome.contributors),
+                              reason=outcome.reason)
+        actions: list[Action] = [CancelTimer(PHASE_TIMER)]
+        for u, name in enumerate(self.names):
+            if u not in self._gone and u not in self._told_outcome:
+                actions.append(Send(name, envelope(self.config.session, self.config.round,
+                                                   SERVER, notice)))
+        return actions + [RoundFinished(outcome)]
+
+    # ------------------------------------------------------------ helpers
+
+    def _send(self, u: int, body: Message) -> Send:
+        return self._send_name(self.names[u], body)
+
+    def _send_name(self, name: str, body: Message) -> Send:
+        return Send(name, envelope(self.config.session, self.config.round, SERVER, body))
