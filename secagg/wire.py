@@ -418,6 +418,18 @@ class RoundOutcome(Message):
 
 @message
 @dataclass(frozen=True)
+class RoundOpen(Message):
+    """Server -> connected peer: registration for the envelope's session and round is open."""
+
+    TYPE: ClassVar[str] = "round_open"
+    dim: Annotated[int, IntRange(1, 2**31 - 1)]
+    """Coordinates of the caller's vector (without the weight coordinate)."""
+    weighted: bool
+    max_peers: PeerCount
+
+
+@message
+@dataclass(frozen=True)
 class Rejected(Message):
     """Server -> client: the request cannot be served (e.g. registration closed)."""
 

@@ -1,1 +1,5 @@
-"""asyncio websocket driver for :class:`secagg.protocol.ServerProtocol`."""
+"""asyncio websocket driver for :class:`secagg.protocol.ServerProtocol`: the coordinator."""
+
+from server.coordinator import Coordinator, RoundResult
+
+__all__ = ["Coordinator", "RoundResult"]

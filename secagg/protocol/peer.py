@@ -181,6 +181,7 @@ class PeerProtocol:
         self._self_mask_seed = b""
         self._gone: set[int] = set()
         self._held: dict[int, tuple[shamir.Share, shamir.Share]] = {}
+        self._late_shares: set[int] = set()
         # Set from MaskingStart.
         self._survivors: frozenset[int] = frozenset()
         self._ancestors: list[int] = []
@@ -398,15 +399,19 @@ class PeerProtocol:
         return self._maybe_report()
 
     def _on_late_shares(self, env: Envelope) -> list[Action]:
-        # Already reported: the server will not ask for these, but keeping them is harmless.
+        # Already reported without them: the server counts only reported holders and
+        # will never ask for these, so they are authenticated and then dropped.
         self._store_shares(env)
+        sender = self._sender_index(env)
+        self._late_shares.add(sender)
+        del self._held[sender]
         return []
 
     def _store_shares(self, env: Envelope) -> None:
         sender = self._sender_index(env)
         if sender not in self._neighbours:
             raise ProtocolError(f"shares from {env.sender!r}, who is not a neighbour")
-        if sender in self._held:
+        if sender in self._held or sender in self._late_shares:
             raise ProtocolError(f"duplicate shares from {env.sender!r} (replay)")
         body = env.body
         assert isinstance(body, EncryptedShares)

@@ -390,7 +390,16 @@ class ServerProtocol:
     def _start_masking(self) -> list[Action]:
         assert self._graph is not None
         tree_seed = self._random_bytes(32)
-        tree = build_tree(sorted(self.u2), tree_seed, self.config.fan_in)
+        listening = [u for u in sorted(self.u2) if self._entries[u].address]
+        unreachable = [u for u in sorted(self.u2) if not self._entries[u].address]
+        if unreachable and listening:
+            # Peers without a listener go last in the heap order: they are leaves as
+            # long as there are enough listening peers to carry them.
+            order = build_tree(listening, tree_seed, self.config.fan_in).order + \
+                build_tree(unreachable, tree_seed, self.config.fan_in).order
+            tree = AccumulationTree(order=order, fan_in=self.config.fan_in)
+        else:
+            tree = build_tree(sorted(self.u2), tree_seed, self.config.fan_in)
         self._tree = tree
         self._root = tree.root()
         self.state = ServerState.MASKING

@@ -1,0 +1,177 @@
+"""``secagg-server``: run secure-aggregation rounds and write their results.
+
+For each round r it writes ``DIR/round-<r>.json`` ({"round", "status",
+"contributors", "dropped", "threshold", ...}) and, when the round is ok,
+``DIR/round-<r>.npy`` with the float64 aggregate sum. Progress goes to stderr;
+nothing secret is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+from secagg.errors import SecAggError
+from server.coordinator import Coordinator, RoundResult
+
+log = logging.getLogger("secagg.server.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="secagg-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    parser.add_argument("--min-peers", type=_positive_int, required=True,
+                        help="registration closes when this many peers registered")
+    parser.add_argument("--threshold", type=_positive_int, required=True,
+                        help="t: fewest contributors whose sum may be revealed (> n/2)")
+    parser.add_argument("--dim", type=_positive_int, required=True,
+                        help="coordinates of every peer's vector")
+    parser.add_argument("--rounds", type=_positive_int, default=1)
+    parser.add_argument("--mode", choices=["masking", "paillier", "hybrid"], default="masking")
+    parser.add_argument("--graph", choices=["complete", "sparse"], default="complete")
+    parser.add_argument("--threat-model", choices=["honest-but-curious", "active"],
+                        default="honest-but-curious")
+    parser.add_argument("--phase-timeout", type=_positive_float, default=30.0,
+                        help="seconds each phase may take")
+    parser.add_argument("--clip", type=_positive_float, default=1.0,
+                        help="inputs are clipped to [-clip, clip]")
+    parser.add_argument("--modulus-bits", type=int, choices=[32, 64], default=32)
+    parser.add_argument("--fan-in", type=_positive_int, default=8,
+                        help="children per relay in the accumulation tree")
+    parser.add_argument("--weighted", action="store_true",
+                        help="peers send (w*x, w); the .npy holds the weighted sum")
+    parser.add_argument("--max-weight", type=_positive_float, default=1.0)
+    parser.add_argument("--tls-cert", type=Path, help="serve wss:// with this certificate")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    parser.add_argument("--out", type=Path, required=True, help="directory for round results")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def write_round(out: Path, result: RoundResult) -> None:
+    """Write round-<r>.json (and round-<r>.npy when ok) atomically."""
+    outcome = result.outcome
+    record = {
+        "round": outcome.round,
+        "status": outcome.status,
+        "contributors": list(outcome.contributors),
+        "dropped": dict(outcome.dropped),
+        "threshold": outcome.threshold,
+        "reason": outcome.reason,
+        "stats": {key: value for key, value in result.stats.items()
+                  if key not in ("dropped",)},
+    }
+    if outcome.aggregate is not None:
+        aggregate = outcome.aggregate
+        if outcome.total_weight is not None:
+            # Weighted rounds publish the weighted sum; the mean is sum / total_weight.
+            aggregate = aggregate * outcome.total_weight
+            record["total_weight"] = outcome.total_weight
+        tmp = out / f".round-{outcome.round}.npy"
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.asarray(aggregate, dtype=np.float64), allow_pickle=False)
+        tmp.replace(out / f"round-{outcome.round}.npy")
+    tmp_json = out / f".round-{outcome.round}.json"
+    tmp_json.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp_json.replace(out / f"round-{outcome.round}.json")
+
+
+async def serve_rounds(args: argparse.Namespace) -> int:
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    coordinator = Coordinator(
+        args.host, args.port, min_peers=args.min_peers, threshold=args.threshold,
+        dim=args.dim, graph=args.graph, threat_model=args.threat_model,
+        phase_timeout=args.phase_timeout, clip=args.clip, modulus_bits=args.modulus_bits,
+        fan_in=args.fan_in, weighted=args.weighted, max_weight=args.max_weight,
+        ssl_context=ssl_context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with coordinator:
+        print(f"secagg-server listening on {coordinator.url}", file=sys.stderr, flush=True)
+        for _ in range(args.rounds):
+            round_task = asyncio.create_task(coordinator.run_round())
+            stop_task = asyncio.create_task(stop.wait())
+            done, _pending = await asyncio.wait({round_task, stop_task},
+                                                return_when=asyncio.FIRST_COMPLETED)
+            stop_task.cancel()
+            if round_task not in done:
+                round_task.cancel()
+                print("secagg-server: interrupted", file=sys.stderr)
+                return 130
+            result = round_task.result()
+            write_round(args.out, result)
+            outcome = result.outcome
+            print(f"round {outcome.round}: {outcome.status}"
+                  f"{' (' + outcome.reason + ')' if outcome.reason else ''}; "
+                  f"{len(outcome.contributors)} contributors, {len(outcome.dropped)} dropped",
+                  file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if args.mode != "masking":
+        parser.error(f"--mode {args.mode} is not available yet (only 'masking' is implemented)")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.threshold > args.min_peers or 2 * args.threshold <= args.min_peers:
+        parser.error(f"--threshold must satisfy min-peers/2 < t <= min-peers "
+                     f"(got t={args.threshold}, min-peers={args.min_peers})")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot create --out {args.out}: {exc.strerror}")
+    try:
+        return asyncio.run(serve_rounds(args))
+    except (SecAggError, ValueError) as exc:
+        print(f"secagg-server: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"secagg-server: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
