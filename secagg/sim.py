@@ -58,7 +58,6 @@ from secagg.wire import (
     RootAggregate,
     Roster,
     UnmaskRequest,
-    UnmaskShares,
     decode,
     encode,
 )
@@ -98,16 +97,14 @@ class ServerView:
 
     messages: tuple[Envelope, ...]
     names: tuple[str, ...]
+    shares: tuple[tuple[str, int, int], ...] = ()
+    """Every unmasking share received: (kind, owner index, holder index)."""
 
     def revealed_secrets(self) -> dict[str, set[str]]:
         """Peer name -> which of its secrets ("self_mask", "secret_key") had shares sent."""
         revealed: dict[str, set[str]] = {}
-        for env in self.messages:
-            if isinstance(env.body, UnmaskShares):
-                for item in env.body.self_mask_shares:
-                    revealed.setdefault(self.names[item.owner], set()).add("self_mask")
-                for item in env.body.secret_key_shares:
-                    revealed.setdefault(self.names[item.owner], set()).add("secret_key")
+        for kind, owner, _holder in self.shares:
+            revealed.setdefault(self.names[owner], set()).add(kind)
         return revealed
 
     def vectors(self) -> list[tuple[str, ...]]:
@@ -405,6 +402,7 @@ def run_round(
         status=outcome.status, aggregate=outcome.aggregate,
         contributors=sorted(index[name] for name in outcome.contributors),
         dropped=dict(sorted(dropped.items())),
-        server_view=ServerView(messages=tuple(server.view), names=tuple(server.names)),
+        server_view=ServerView(messages=tuple(server.view), names=tuple(server.names),
+                               shares=tuple(server.shares_received)),
         reason=outcome.reason, total_weight=outcome.total_weight, stats=stats,
         outcome=outcome)

@@ -173,14 +173,6 @@ class SignedIndex:
     signature: Annotated[bytes, Blob(exact=64)]
 
 
-@dataclass(frozen=True)
-class IndexedShare:
-    """A Shamir share of the secret of peer ``owner``."""
-
-    owner: PeerIndex
-    share: ShareBytes
-
-
 # --------------------------------------------------------------------------
 # R0: AdvertiseKeys
 
@@ -247,10 +239,14 @@ class SharePair:
 @message
 @dataclass(frozen=True)
 class ShareReport(Message):
-    """Peer -> server: whose shares this peer holds."""
+    """Peer -> server: whose shares this peer does *not* hold (usually nobody's).
+
+    Listing the missing neighbours rather than the received ones keeps the report
+    a few bytes long however large the neighbourhood is.
+    """
 
     TYPE: ClassVar[str] = "share_report"
-    received_from: list[PeerIndex]
+    missing_from: list[PeerIndex]
 
 
 # --------------------------------------------------------------------------
@@ -371,25 +367,34 @@ class ConsistencySignature(Message):
 @message
 @dataclass(frozen=True)
 class UnmaskRequest(Message):
-    """Server -> peer in U3: reveal shares of b_u for contributors, of s_sk_u for the dropped."""
+    """Server -> peer in U3: reveal shares of b_u for contributors, of s_sk_u for the dropped.
+
+    ``contributors`` and ``dropped`` describe the whole partition the peer checks;
+    the ``*_wanted`` lists say which of those shares the server needs from this
+    peer (t of them per secret in total, spread over the holders). A follow-up
+    request, after some holders vanished, repeats the same partition.
+    """
 
     TYPE: ClassVar[str] = "unmask_request"
     contributors: list[PeerIndex]
-    """U3 ∩ N(v) (all of U3 on the complete graph)."""
+    """U3 ∩ N(v) (all of U3 on the complete graph or under the active model)."""
     dropped: list[PeerIndex]
     """(U2 \\ U3) ∩ N(v)."""
     total_contributors: PeerCount
     signatures: list[SignedIndex]
+    self_mask_wanted: list[PeerIndex]
+    secret_key_wanted: list[PeerIndex]
 
 
 @message
 @dataclass(frozen=True)
 class UnmaskShares(Message):
-    """Peer -> server: the requested shares."""
+    """Peer -> server: the requested shares, 33 bytes each, in the order requested
+    (ascending owner index), so no owner list travels with them."""
 
     TYPE: ClassVar[str] = "unmask_shares"
-    self_mask_shares: list[IndexedShare]
-    secret_key_shares: list[IndexedShare]
+    self_mask_shares: Annotated[bytes, Blob(max_len=33 * 200_000)]
+    secret_key_shares: Annotated[bytes, Blob(max_len=33 * 200_000)]
 
 
 @message
@@ -553,7 +558,9 @@ def _encode_value(value: Any) -> Any:
         data = np.ascontiguousarray(value, dtype=dtype)
         return {"dtype": code, "data": data.tobytes()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        # Fields left at their default are omitted: the decoder restores them.
+        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default}
     if isinstance(value, list | tuple):
         return [_encode_value(item) for item in value]
     return value

@@ -60,7 +60,6 @@ from secagg.wire import (
     EncryptedPartialSum,
     EncryptedShares,
     Envelope,
-    IndexedShare,
     Limits,
     MaskingStart,
     NewRoot,
@@ -122,6 +121,7 @@ PEER_TRANSITIONS: dict[tuple[PeerState, str], str] = {
     (_S.FORWARDED, ConsistencyRequest.TYPE): "_on_consistency_request",
     (_S.FORWARDED, UnmaskRequest.TYPE): "_on_unmask_request",
     (_S.SIGNED, UnmaskRequest.TYPE): "_on_unmask_request",
+    (_S.UNMASKED, UnmaskRequest.TYPE): "_on_unmask_followup",
     **{(state, RoundOutcome.TYPE): "_on_outcome" for state in _ANY_LIVE},
     **{(state, Rejected.TYPE): "_on_rejected" for state in _ANY_LIVE},
 }
@@ -195,6 +195,8 @@ class PeerProtocol:
         self._in_flight: dict[int, tuple[int, PartialSum]] = {}
         self._awaiting_new_root: list[PartialSum] = []
         self._signed_u3: tuple[int, ...] | None = None
+        self._unmask_partition: tuple[frozenset[int], frozenset[int], int] = (
+            frozenset(), frozenset(), 0)
 
     # ------------------------------------------------------------------ API
 
@@ -287,6 +289,11 @@ class PeerProtocol:
     def _reject(self, env: Envelope, exc: Exception) -> None:
         reason = f"{env.type} from {env.sender!r} rejected: {exc}"
         log.warning("%s: %s", self.name, reason)
+        self.rejected.append(reason)
+
+    def _note_rejected(self, env: Envelope, why: str) -> None:
+        reason = f"{env.type} from {env.sender!r} ignored: {why}"
+        log.info("%s: %s", self.name, reason)
         self.rejected.append(reason)
 
     # --------------------------------------------------------------- R1
@@ -431,8 +438,8 @@ class PeerProtocol:
 
     def _report(self) -> list[Action]:
         self.state = PeerState.REPORTED
-        return [CancelTimer(SHARE_TIMER),
-                self._to_server(ShareReport(received_from=sorted(self._held)))]
+        missing = sorted(set(self._neighbours) - set(self._held))
+        return [CancelTimer(SHARE_TIMER), self._to_server(ShareReport(missing_from=missing))]
 
     # --------------------------------------------------------------- R2
 
@@ -490,7 +497,8 @@ class PeerProtocol:
             if child in self._gone:
                 self._expect_children_of(child)
 
-    def _open_partial_sum(self, env: Envelope) -> PartialSum:
+    def _open_partial_sum(self, env: Envelope) -> PartialSum | None:
+        """Authenticate and validate a partial sum; None for a harmless duplicate."""
         sender = self._sender_index(env)
         body = env.body
         assert isinstance(body, EncryptedPartialSum) and self._roster is not None
@@ -508,12 +516,17 @@ class PeerProtocol:
                                 "contributor set")
         overlap = members & (self._contributors | self._forwarded)
         if overlap:
-            raise ProtocolError(f"partial sum from {env.sender!r} overlaps contributors "
-                                f"already counted: {sorted(overlap)[:5]}")
+            # A re-sent copy (its sender saw an ancestor die) of a sum that already
+            # reached us inside a larger one: counting it again would double it.
+            self._note_rejected(env, f"overlaps contributors already counted: "
+                                     f"{sorted(overlap)[:5]}")
+            return None
         return partial
 
     def _on_partial_sum(self, env: Envelope) -> list[Action]:
         partial = self._open_partial_sum(env)
+        if partial is None:
+            return []
         assert self._sum is not None
         np.add(self._sum, partial.vector, out=self._sum)
         self._contributors |= set(partial.contributors)
@@ -521,9 +534,14 @@ class PeerProtocol:
 
     def _on_late_partial_sum(self, env: Envelope) -> list[Action]:
         if self._is_root:
-            raise ProtocolError(f"partial sum from {env.sender!r} arrived after the root "
-                                "released the aggregate")
+            # Authenticated but too late: the aggregate is released, its contributors
+            # fixed. The sender's input counts as dropped.
+            self._sender_index(env)
+            self._note_rejected(env, "arrived after the root released the aggregate")
+            return []
         partial = self._open_partial_sum(env)
+        if partial is None:
+            return []
         # Pass it on unchanged: our own sum already left, and a sum with several
         # contributors keeps the same privacy upstream.
         self._forwarded |= set(partial.contributors)
@@ -630,31 +648,53 @@ class PeerProtocol:
     def _on_unmask_request(self, env: Envelope) -> list[Action]:
         request = env.body
         assert isinstance(request, UnmaskRequest) and self._roster is not None
-        assert self._graph is not None
         refusal = self._check_contributors(request.contributors, request.total_contributors)
         if refusal:
             return self._refuse(refusal)
-        contributors = set(request.contributors) & set(self._neighbours)
+        all_contributors = set(request.contributors)
         dropped = set(request.dropped)
-        both = contributors & dropped
+        both = all_contributors & dropped
         if both:
             return self._refuse(f"asked for both the self-mask and the secret-key share of "
                                 f"peer(s) {sorted(both)[:5]}: that would reveal an input")
         if len(dropped) != len(request.dropped):
             return self._refuse("the dropped set lists a peer twice")
+        contributors = all_contributors & set(self._neighbours)
         if contributors | dropped != self._survivors:
             return self._refuse("U3 and U2 \\ U3 do not partition the U2 this peer was shown")
         if self._roster.threat_model == "active":
             refusal = self._check_signatures(request)
             if refusal:
                 return self._refuse(refusal)
+        self._unmask_partition = (frozenset(contributors), frozenset(dropped),
+                                  request.total_contributors)
         self.state = PeerState.UNMASKED
-        b_shares = [IndexedShare(owner=u, share=self._held[u][0].to_bytes())
-                    for u in sorted(contributors) if u in self._held]
-        s_shares = [IndexedShare(owner=u, share=self._held[u][1].to_bytes())
-                    for u in sorted(dropped) if u in self._held]
-        return [self._to_server(UnmaskShares(self_mask_shares=b_shares,
-                                             secret_key_shares=s_shares))]
+        return self._send_unmask_shares(request)
+
+    def _on_unmask_followup(self, env: Envelope) -> list[Action]:
+        request = env.body
+        assert isinstance(request, UnmaskRequest)
+        contributors = set(request.contributors) & set(self._neighbours)
+        partition = (frozenset(contributors), frozenset(request.dropped),
+                     request.total_contributors)
+        if partition != self._unmask_partition:
+            return self._refuse("a follow-up unmask request changes U3 or the dropped set")
+        return self._send_unmask_shares(request)
+
+    def _send_unmask_shares(self, request: UnmaskRequest) -> list[Action]:
+        """Answer with the wanted shares; each must belong to the checked partition."""
+        contributors, dropped, _ = self._unmask_partition
+        wanted_b = set(request.self_mask_wanted)
+        wanted_s = set(request.secret_key_wanted)
+        if not wanted_b <= contributors or not wanted_s <= dropped:
+            return self._refuse("the server wants shares outside the announced partition")
+        missing = sorted((wanted_b | wanted_s) - set(self._held))
+        if missing:
+            return self._refuse(f"asked for shares this peer never reported holding: "
+                                f"{missing[:5]}")
+        return [self._to_server(UnmaskShares(
+            self_mask_shares=b"".join(self._held[u][0].to_bytes() for u in sorted(wanted_b)),
+            secret_key_shares=b"".join(self._held[u][1].to_bytes() for u in sorted(wanted_s))))]
 
     def _check_signatures(self, request: UnmaskRequest) -> str:
         assert self._graph is not None and self._roster is not None
@@ -724,10 +764,19 @@ class PeerProtocol:
         self._gone.add(index)
         if self.state is PeerState.SHARING:
             return self._maybe_report()
-        if self.state is PeerState.MASKING:
+        if self.state in (PeerState.MASKING, PeerState.FORWARDED):
             if index in self._expected:
                 self._expect_children_of(index)
-            return self._maybe_forward()
+            # An ancestor that died may have died holding our sum: send it again to
+            # the nearest live ancestor. If the sum had already gone further up, that
+            # ancestor rejects the overlapping copy, so nothing is counted twice.
+            actions: list[Action] = []
+            for key, (target, partial) in list(self._in_flight.items()):
+                if target == index:
+                    del self._in_flight[key]
+                    self._dead_ancestors.add(index)
+                    actions += self._send_up(partial)
+            return actions + self._maybe_forward()
         return []
 
     def _on_delivery_failed(self, recipient: str, env: Envelope) -> list[Action]:

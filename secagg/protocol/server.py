@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -188,6 +187,8 @@ class ServerProtocol:
         self.record_view = record_view
         self.view: list[Envelope] = []
         """With ``record_view``: every message this server accepted, for privacy checks."""
+        self.shares_received: list[tuple[str, int, int]] = []
+        """With ``record_view``: (kind, owner, holder) of every unmasking share received."""
 
         self._registered: dict[str, AdvertiseKeys] = {}
         self.names: list[str] = []
@@ -208,7 +209,10 @@ class ServerProtocol:
         self._aggregate: np.ndarray | None = None
         self._signatures: dict[int, bytes] = {}
         self._told_outcome: set[int] = set()
-        self._asked: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._partition: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._requested: dict[tuple[int, int], set[int]] = {}
+        self._pending: dict[int, tuple[set[int], set[int]]] = {}
+        self._awaiting_answer: set[int] = set()
         self._answered: set[int] = set()
         self._b_shares: dict[int, list[shamir.Share]] = {}
         self._s_shares: dict[int, list[shamir.Share]] = {}
@@ -353,12 +357,13 @@ class ServerProtocol:
         u = self._index[env.sender]
         if u in self._reports:
             raise ProtocolError(f"duplicate share report from {env.sender!r}")
-        received = frozenset(report.received_from)
-        if len(received) != len(report.received_from):
+        missing = frozenset(report.missing_from)
+        neighbourhood = frozenset(self._graph.neighbours(u))
+        if len(missing) != len(report.missing_from):
             raise ProtocolError("share report lists a peer twice")
-        if not received <= set(self._graph.neighbours(u)):
+        if not missing <= neighbourhood or u in missing:
             raise ProtocolError("share report names peers outside the neighbourhood")
-        self._reports[u] = received
+        self._reports[u] = neighbourhood - missing
         return self._close_phase() if self._phase_complete() else []
 
     def _close_sharing(self) -> list[Action]:
@@ -404,6 +409,7 @@ class ServerProtocol:
         self._root = tree.root()
         self.state = ServerState.MASKING
         self.stats["tree_depth"] = tree.max_depth
+        self.stats["root"] = self.names[self._root]
         actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
         timeout, depth_slots = self.config.phase_timeout, tree.max_depth + 2
         for u in sorted(self.u2):
@@ -533,54 +539,96 @@ class ServerProtocol:
     def _start_unmasking(self) -> list[Action]:
         assert self._graph is not None
         self.state = ServerState.UNMASKING
-        actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
         dropped_all = self.u2 - self.u3
-        signatures = [SignedIndex(index=u, signature=s)
-                      for u, s in sorted(self._signatures.items())]
-        full_u3 = self.config.graph == "complete" or self.config.threat_model == "active"
         for v in sorted(self.u4):
-            if v in self._gone:
-                continue
-            neighbourhood = frozenset(self._graph.neighbours(v))
-            contributors = self.u3 & neighbourhood
-            dropped = dropped_all & neighbourhood
-            self._asked[v] = (contributors, dropped)
+            if v not in self._gone:
+                neighbourhood = frozenset(self._graph.neighbours(v))
+                self._partition[v] = (self.u3 & neighbourhood, dropped_all & neighbourhood)
+        # Every member of U4 gets a request (possibly wanting nothing), so that a peer
+        # vanishing now is noticed and recorded.
+        return self._request_shares(everyone=True)
+
+    def _request_shares(self, *, everyone: bool = False) -> list[Action]:
+        """Ask holders for the shares still missing: t per secret, spread over holders."""
+        assert self._graph is not None
+        need = self._graph.share_threshold
+        wants: dict[int, tuple[set[int], set[int]]] = {}
+        for kind, owners, store in ((0, self.u3, self._b_shares),
+                                    (1, self.u2 - self.u3, self._s_shares)):
+            for u in sorted(owners):
+                asked = self._requested.setdefault((kind, u), set())
+                outstanding = sum(1 for h in asked
+                                  if h in self._awaiting_answer and h not in self._gone)
+                deficit = need - len(store.get(u, [])) - outstanding
+                if deficit <= 0:
+                    continue
+                candidates = [h for h in sorted(self._holders.get(u, ()))
+                              if h in self._partition and h not in self._gone
+                              and h not in asked]
+                if len(candidates) < deficit:
+                    what = "self mask" if kind == 0 else "mask key"
+                    return self._abort(f"cannot unmask: too few live holders of shares of the "
+                                       f"{what} of {self.names[u]!r} ({need} needed)")
+                start = u % len(candidates)  # spread the load over the holders
+                for h in (candidates[start:] + candidates[:start])[:deficit]:
+                    wants.setdefault(h, (set(), set()))[kind].add(u)
+                    asked.add(h)
+        targets = set(wants)
+        if everyone:
+            targets |= {v for v in self._partition if v not in self._gone}
+        if not targets:
+            if self._awaiting_answer - self._gone:
+                return []
+            return self._finish_unmasking()
+        full_u3 = self.config.graph == "complete" or self.config.threat_model == "active"
+        signatures = [SignedIndex(index=u, signature=sig)
+                      for u, sig in sorted(self._signatures.items())]
+        actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
+        for v in sorted(targets):
+            contributors, dropped = self._partition[v]
+            wanted_b, wanted_s = wants.get(v, (set(), set()))
+            self._pending[v] = (wanted_b, wanted_s)
+            self._awaiting_answer.add(v)
             actions.append(self._send(v, UnmaskRequest(
                 contributors=sorted(self.u3 if full_u3 else contributors),
                 dropped=sorted(dropped), total_contributors=len(self.u3),
-                signatures=signatures)))
-        return actions + (self._close_phase() if self._phase_complete() else [])
+                signatures=signatures, self_mask_wanted=sorted(wanted_b),
+                secret_key_wanted=sorted(wanted_s))))
+        return actions
 
     def _on_unmask_shares(self, env: Envelope) -> list[Action]:
         body = env.body
         assert isinstance(body, UnmaskShares)
         v = self._index[env.sender]
-        if v not in self._asked:
-            raise ProtocolError(f"{env.sender!r} was not asked for unmasking shares")
-        if v in self._answered:
-            raise ProtocolError(f"duplicate unmasking shares from {env.sender!r}")
-        contributors, dropped = self._asked[v]
-        b_parsed = self._parse_shares(v, body.self_mask_shares, contributors, "self-mask")
-        s_parsed = self._parse_shares(v, body.secret_key_shares, dropped, "secret-key")
+        if v not in self._awaiting_answer:
+            raise ProtocolError(f"unrequested or duplicate unmasking shares from "
+                                f"{env.sender!r}")
+        wanted_b, wanted_s = self._pending[v]
+        b_parsed = self._parse_shares(v, sorted(wanted_b), body.self_mask_shares, "self-mask")
+        s_parsed = self._parse_shares(v, sorted(wanted_s), body.secret_key_shares, "secret-key")
+        self._awaiting_answer.discard(v)
         self._answered.add(v)
+        self._pending[v] = (set(), set())
         for owner, share in b_parsed:
             self._b_shares.setdefault(owner, []).append(share)
         for owner, share in s_parsed:
             self._s_shares.setdefault(owner, []).append(share)
+        if self.record_view:
+            self.shares_received += [("self_mask", owner, v) for owner, _ in b_parsed]
+            self.shares_received += [("secret_key", owner, v) for owner, _ in s_parsed]
         return self._close_phase() if self._phase_complete() else []
 
-    def _parse_shares(self, v: int, shares: Sequence[Any], allowed: frozenset[int],
+    def _parse_shares(self, v: int, owners: list[int], packed: bytes,
                       kind: str) -> list[tuple[int, shamir.Share]]:
+        """Split the packed answer to a request for ``owners`` (in that order)."""
+        if len(packed) != shamir.SHARE_LENGTH * len(owners):
+            raise ProtocolError(f"{kind} shares: {len(packed)} bytes where {len(owners)} "
+                                f"shares of {shamir.SHARE_LENGTH} bytes were requested")
         parsed: list[tuple[int, shamir.Share]] = []
-        seen: set[int] = set()
-        for item in shares:
-            if item.owner not in allowed or v not in self._holders.get(item.owner, ()):
-                raise ProtocolError(f"unrequested {kind} share of peer {item.owner}")
-            if item.owner in seen:
-                raise ProtocolError(f"two {kind} shares of peer {item.owner}")
-            seen.add(item.owner)
+        for i, owner in enumerate(owners):
+            chunk = packed[i * shamir.SHARE_LENGTH:(i + 1) * shamir.SHARE_LENGTH]
             try:
-                parsed.append((item.owner, shamir.Share.from_bytes(v + 1, item.share)))
+                parsed.append((owner, shamir.Share.from_bytes(v + 1, chunk)))
             except CryptoError as exc:
                 raise ProtocolError(f"malformed {kind} share: {exc}") from None
         return parsed
@@ -596,7 +644,7 @@ class ServerProtocol:
 
     def _finish_unmasking(self) -> list[Action]:
         assert self._graph is not None and self._aggregate is not None
-        for u in sorted(self._asked):
+        for u in sorted(self._partition):
             if u not in self._answered:
                 self._drop(u, DropReason.UNMASK_SHARE_MISSING)
         threshold = self._graph.share_threshold
@@ -660,7 +708,7 @@ class ServerProtocol:
         if self.state is ServerState.CONSISTENCY:
             return set(self.u3) - set(self._signatures)
         if self.state is ServerState.UNMASKING:
-            return set(self._asked) - self._answered
+            return set(self._awaiting_answer)
         return set()
 
     def _phase_complete(self) -> bool:
@@ -676,7 +724,9 @@ class ServerProtocol:
         if self.state is ServerState.CONSISTENCY:
             return self._close_consistency()
         if self.state is ServerState.UNMASKING:
-            return self._finish_unmasking()
+            # Holders that did not answer in time are given up; ask others instead.
+            self._gone |= self._awaiting_answer
+            return self._request_shares()
         return []
 
     def _on_peer_gone(self, name: str) -> list[Action]:
