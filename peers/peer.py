@@ -51,6 +51,7 @@ from secagg.wire import (
     Envelope,
     Forward,
     Limits,
+    PeerDropped,
     Rejected,
     RoundOpen,
     decode,
@@ -87,6 +88,7 @@ class _Link:
         default_factory=asyncio.Queue)
     writer: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    abandoned: bool = False
 
 
 class Peer:
@@ -145,6 +147,7 @@ class Peer:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._early: list[tuple[bytes, Connection | None]] = []
         self._last_round = -1
+        self._reported_state = ""
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -331,6 +334,8 @@ class Peer:
         if isinstance(body, Forward):
             self._on_peer_frame(body.frame, None)
             return
+        if isinstance(body, PeerDropped) and protocol is not None:
+            self._abandon_link(protocol.name_of(body.peer))
         if isinstance(body, Rejected) and (protocol is None or protocol.finished):
             log.warning("%s: rejected by the coordinator: %s", self.peer_id, body.reason)
             self._rejected = body.reason
@@ -410,6 +415,15 @@ class Peer:
             link.writer = asyncio.create_task(self._write_link(link))
             link.ready.set()
 
+    def _abandon_link(self, name: str | None) -> None:
+        """Stop waiting for (or trying) a connection to a peer known to be gone."""
+        link = self._links.get(name or "")
+        if link is not None and link.connection is None:
+            del self._links[link.name]
+            link.abandoned = True
+            link.ready.set()
+            self._fail_queued(link)
+
     def _on_link_closed(self, connection: Connection) -> None:
         for name, link in list(self._links.items()):
             if link.connection is connection:
@@ -449,8 +463,10 @@ class Peer:
                 await asyncio.wait_for(link.ready.wait(), self._link_wait)
             if link.ready.is_set():
                 return
+        if link.abandoned:
+            return
         connection = await self._connect(address) if address else None
-        if link.ready.is_set():  # an incoming connection won the race; keep ours unused
+        if link.ready.is_set():  # an incoming connection won the race, or the peer left
             if connection is not None:
                 await connection.close()
             return
@@ -525,7 +541,6 @@ class Peer:
 
     def _apply(self, actions: list[Action]) -> None:
         protocol = self._protocol
-        before = protocol.state if protocol else None
         for action in actions:
             if isinstance(action, Send):
                 if action.recipient == SERVER:
@@ -546,7 +561,7 @@ class Peer:
                 assert isinstance(action.outcome, PeerOutcome)
                 if self._outcome is not None and not self._outcome.done():
                     self._outcome.set_result(action.outcome)
-        if protocol is not None and protocol.state != before:
+        if protocol is not None and protocol.state != self._reported_state:
             self._report_progress()
 
     def _send_to_server(self, envelope: Envelope) -> None:
@@ -566,6 +581,8 @@ class Peer:
         self._timers[name] = asyncio.get_running_loop().call_later(delay, fire)
 
     def _report_progress(self) -> None:
+        if self._protocol is not None:
+            self._reported_state = str(self._protocol.state)
         if self._progress is not None and self._protocol is not None:
             try:
                 self._progress(str(self._protocol.state), self._protocol.round)

@@ -321,6 +321,19 @@ class NewRoot(Message):
 
 @message
 @dataclass(frozen=True)
+class PeerDropped(Message):
+    """Server -> peer: ``peer`` has left the round; stop waiting for it.
+
+    Sent during R1 to the peer's neighbours and during R2 to its tree parent, so
+    that nobody waits for a deadline to learn what the server already knows.
+    """
+
+    TYPE: ClassVar[str] = "peer_dropped"
+    peer: PeerIndex
+
+
+@message
+@dataclass(frozen=True)
 class RootAggregate(Message):
     """Root -> server: the combined masked sum, sent only with at least t contributors."""
 

@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,7 @@ class Coordinator:
 
     ``async with Coordinator(port=0, min_peers=10, threshold=6, dim=1000) as c:``
     then ``aggregate, contributors, stats = await c.run_round()`` once per round.
+    ``progress(phase, round)`` is called whenever a round enters a new phase.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Coordinator:
         phase_timeout: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
         session: bytes | None = None,
+        progress: Callable[[str, int], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.session = session or os.urandom(16)
@@ -125,6 +128,7 @@ class Coordinator:
             phase_timeout=phase_timeout)
         self._template.encoder()
         self._ssl = ssl_context
+        self._progress = progress
         self._limits: Limits = Limits.for_round(max_peers=min_peers, dim=self._template.wire_dim,
                                                 modulus_bits=modulus_bits)
         self._server: Server | None = None
@@ -357,6 +361,11 @@ class Coordinator:
             self._phase_times[str(self._last_state)] = round(now - self._phase_started, 6)
             self._phase_started = now
             self._last_state = protocol.state
+            if self._progress is not None:
+                try:
+                    self._progress(str(protocol.state), self._round_number)
+                except Exception:  # an app's callback must not break the round
+                    log.exception("progress callback failed")
 
     def _set_timer(self, name: str, delay: float) -> None:
         old = self._timers.pop(name, None)

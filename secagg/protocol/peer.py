@@ -64,6 +64,7 @@ from secagg.wire import (
     MaskingStart,
     NewRoot,
     PartialSum,
+    PeerDropped,
     PeerEntry,
     Refusal,
     Rejected,
@@ -122,12 +123,13 @@ PEER_TRANSITIONS: dict[tuple[PeerState, str], str] = {
     (_S.FORWARDED, UnmaskRequest.TYPE): "_on_unmask_request",
     (_S.SIGNED, UnmaskRequest.TYPE): "_on_unmask_request",
     (_S.UNMASKED, UnmaskRequest.TYPE): "_on_unmask_followup",
+    **{(state, PeerDropped.TYPE): "_on_peer_dropped" for state in _ANY_LIVE},
     **{(state, RoundOutcome.TYPE): "_on_outcome" for state in _ANY_LIVE},
     **{(state, Rejected.TYPE): "_on_rejected" for state in _ANY_LIVE},
 }
 """(state, message type) -> handler. Anything else is a ProtocolError."""
 
-SERVER_MESSAGES = frozenset({Roster.TYPE, MaskingStart.TYPE, NewRoot.TYPE,
+SERVER_MESSAGES = frozenset({Roster.TYPE, MaskingStart.TYPE, NewRoot.TYPE, PeerDropped.TYPE,
                              ConsistencyRequest.TYPE, UnmaskRequest.TYPE, RoundOutcome.TYPE,
                              Rejected.TYPE})
 PEER_MESSAGES = frozenset({EncryptedShares.TYPE, EncryptedPartialSum.TYPE})
@@ -245,6 +247,10 @@ class PeerProtocol:
             return Limits()
         return Limits.for_round(max_peers=self._roster.size, dim=self._roster.dim,
                                 modulus_bits=self._roster.modulus_bits)
+
+    def name_of(self, index: int) -> str | None:
+        entry = self._contacts.get(index)
+        return entry.name if entry is not None else None
 
     def address_of(self, name: str) -> str:
         index = self._index_of.get(name)
@@ -755,6 +761,12 @@ class PeerProtocol:
             return self._forward()
         return []
 
+    def _on_peer_dropped(self, env: Envelope) -> list[Action]:
+        body = env.body
+        assert isinstance(body, PeerDropped)
+        entry = self._contacts.get(body.peer)
+        return self._on_peer_gone(entry.name) if entry is not None else []
+
     def _on_peer_gone(self, name: str) -> list[Action]:
         if name == SERVER:
             return self._abort("lost the connection to the server")
@@ -787,7 +799,9 @@ class PeerProtocol:
             return self._abort("cannot reach the server")
         flight = self._in_flight.pop(id(env.body), None)
         if flight is None:
-            return []  # e.g. shares for a neighbour that vanished: it simply won't count
+            # e.g. shares for a neighbour that vanished: it simply won't count, and
+            # we no longer wait for its shares either.
+            return self._maybe_report()
         target, partial = flight
         self._dead_ancestors.add(target)
         return self._send_up(partial)

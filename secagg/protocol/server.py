@@ -73,6 +73,7 @@ from secagg.wire import (
     MaskingStart,
     Message,
     NewRoot,
+    PeerDropped,
     PeerEntry,
     Refusal,
     Rejected,
@@ -737,10 +738,21 @@ class ServerProtocol:
         if u is None or u in self._gone:
             return []
         self._gone.add(u)
+        actions = self._announce_drop(u)
         if self.state in (ServerState.SHARING, ServerState.CONSISTENCY,
                           ServerState.UNMASKING) and self._phase_complete():
-            return self._close_phase()
-        return []
+            return actions + self._close_phase()
+        return actions
+
+    def _announce_drop(self, u: int) -> list[Action]:
+        """Tell those who would wait for ``u`` that it is gone."""
+        waiting: list[int] = []
+        if self.state is ServerState.SHARING and self._graph is not None:
+            waiting = [v for v in self._graph.neighbours(u) if v != u]
+        elif self.state is ServerState.MASKING and self._tree is not None and u in self._tree:
+            parent = self._tree.parent(u)
+            waiting = [parent] if parent is not None else []
+        return [self._send(v, PeerDropped(peer=u)) for v in waiting if v not in self._gone]
 
     # ------------------------------------------------------------ endings
 
