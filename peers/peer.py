@@ -127,6 +127,7 @@ class Peer:
         self._attempts = max(1, connect_attempts)
         self._backoff = backoff
         self._max_frame = max_frame_bytes
+        self._frame_limit = max_frame_bytes
         self._link_wait = link_wait
         self._random_bytes = random_bytes
         self.address = ""
@@ -328,6 +329,13 @@ class Peer:
             return
         body = env.body
         if isinstance(body, RoundOpen):
+            # Size the peer links' frame limit from the round (the wire limits of the
+            # round apply on top once the roster is known).
+            self._frame_limit = Limits.for_round(
+                max_peers=max(body.max_peers, 1), dim=body.dim + 1,
+                modulus_bits=64).max_frame_bytes
+            for connection in self._peer_connections():
+                self._limit_frames(connection)
             self._round_open = env
             self._round_event.set()
             return
@@ -359,8 +367,17 @@ class Peer:
 
     # ------------------------------------------------------- peer links
 
+    def _peer_connections(self) -> list[Connection]:
+        links = [link.connection for link in self._links.values()
+                 if link.connection is not None]
+        return [*self._incoming, *links]
+
+    def _limit_frames(self, connection: Connection) -> None:
+        connection.protocol.max_message_size = self._frame_limit
+
     async def _serve_link(self, connection: ServerConnection) -> None:
         self._incoming.add(connection)
+        self._limit_frames(connection)
         try:
             async for frame in connection:
                 if isinstance(frame, str):
@@ -482,6 +499,7 @@ class Peer:
             self._fail_queued(link)
             return
         link.connection = connection
+        self._limit_frames(connection)
         link.writer = asyncio.create_task(self._write_link(link))
         link.ready.set()
         reader = asyncio.create_task(self._read_link(link.name, connection))
