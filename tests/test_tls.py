@@ -78,6 +78,6 @@ async def test_untrusted_certificate_is_refused(tmp_path: Path) -> None:
         # The default context does not trust the self-signed certificate.
         peer = Peer(coordinator.url, "stranger", client_ssl=ssl.create_default_context(),
                     connect_attempts=1)
-        with pytest.raises(Exception, match="cannot reach|certificate"):
+        with pytest.raises(Exception, match=r"cannot reach|certificate"):
             await peer.start()
         await peer.close()
