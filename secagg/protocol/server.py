@@ -206,7 +206,7 @@ class ServerProtocol:
         self.u3: frozenset[int] = frozenset()
         self.u4: frozenset[int] = frozenset()
         self._root = -1
-        self._new_root_expected: list[int] = []
+        self._pointed_to: dict[int, int] = {}
         self._aggregate: np.ndarray | None = None
         self._signatures: dict[int, bytes] = {}
         self._told_outcome: set[int] = set()
@@ -444,17 +444,21 @@ class ServerProtocol:
             raise ProtocolError(f"{env.sender!r} is not in U2")
         if u == self._root:
             raise ProtocolError("the root has no ancestors to lose")
-        old_root = self._tree.root()
-        if self._root != old_root:
-            # A new root is already named: point this peer at it.
-            return [self._send(u, NewRoot(root=self._entries[self._root], expected=[],
+        current = self._root
+        pointed_before = self._pointed_to.get(u) == current
+        if current != self._tree.root() and current not in self._gone and not pointed_before:
+            # A new root is already named and, as far as we know, alive: point at it.
+            self._pointed_to[u] = current
+            return [self._send(u, NewRoot(root=self._entries[current], expected=[],
                                           contacts=[], forward_after=0.0))]
-        # Name the reporting peer the new root: it is alive and holds a partial sum.
+        # The current root is gone (or unreachable for u twice): the reporter, alive
+        # and holding a partial sum, becomes the root.
+        self._gone.add(current)
         self._root = u
-        self._gone.add(old_root)
+        old_root = self._tree.root()
         expected = [c for c in self._tree.children(old_root)
                     if c != u and c not in self._gone]
-        log.info("root %s unreachable; %s is the new root", self.names[old_root],
+        log.info("root %s unreachable; %s is the new root", self.names[current],
                  self.names[u])
         self.stats["new_root"] = self.names[u]
         return [self._send(u, NewRoot(
