@@ -395,7 +395,9 @@ def run_round(
             dropped[i] = DropReason.NOT_REGISTERED.value
     stats = dict(outcome.stats)
     stats.update(wall_seconds=wall, virtual_seconds=network.now, events=network.events,
-                 max_peer_bytes_sent=max(network.bytes_sent.values(), default=0),
+                 max_peer_bytes_sent=max((sent for name, sent in network.bytes_sent.items()
+                                          if name != SERVER), default=0),
+                 server_bytes_out=network.bytes_sent.get(SERVER, 0),
                  server_bytes_in=network.server_bytes_in,
                  rejections=list(network.rejections))
     return SimResult(

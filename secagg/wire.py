@@ -33,6 +33,7 @@ from secagg.errors import WireError
 WIRE_VERSION = 1
 SESSION_BYTES = 16
 SERVER = "server"
+OUTCOME_LIST_LIMIT = 1000
 """The ``sender`` of every message the coordinator originates."""
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,64}\Z")
@@ -430,7 +431,12 @@ class RoundOutcome(Message):
 
     TYPE: ClassVar[str] = "round_outcome"
     status: Annotated[str, Text(16)]
+    contributor_count: PeerCount
+    included: bool
+    """Whether the recipient's own input is in the aggregate."""
     contributors: list[PeerName]
+    """The contributors' ids, only for rounds of at most OUTCOME_LIST_LIMIT
+    contributors (the list to every peer would otherwise cost O(n^2) bytes)."""
     reason: Reason
 
 

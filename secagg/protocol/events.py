@@ -132,10 +132,14 @@ class Phase(StrEnum):
 class PeerOutcome:
     """How a round ended, as one peer saw it."""
 
-    status: str  # "ok" | "aborted" | "excluded"
+    status: str  # "ok" | "aborted" | "excluded" | "rejected"
     round: int
     contributors: tuple[str, ...] = ()
+    """The contributors' ids (empty for rounds above wire.OUTCOME_LIST_LIMIT)."""
     reason: str = ""
+    contributor_count: int = 0
+    included: bool = False
+    """Whether this peer's own input is in the aggregate."""
 
 
 @dataclass(frozen=True)

@@ -730,6 +730,8 @@ class PeerProtocol:
         assert isinstance(outcome, RoundOutcome)
         return self._finish(PeerOutcome(status=outcome.status, round=self.round,
                                         contributors=tuple(outcome.contributors),
+                                        contributor_count=outcome.contributor_count,
+                                        included=outcome.included,
                                         reason=outcome.reason))
 
     def _on_rejected(self, env: Envelope) -> list[Action]:

@@ -62,6 +62,7 @@ from secagg.protocol.events import (
     TimerExpired,
 )
 from secagg.wire import (
+    OUTCOME_LIST_LIMIT,
     SERVER,
     SESSION_BYTES,
     AdvertiseKeys,
@@ -433,7 +434,7 @@ class ServerProtocol:
             if u not in self.u2 and u not in self._gone:
                 self._told_outcome.add(u)
                 actions.append(self._send(u, RoundOutcome(
-                    status="excluded", contributors=[],
+                    status="excluded", contributor_count=0, included=False, contributors=[],
                     reason=f"not in U2: {self.drop_details.get(self.names[u], '')}")))
         return actions
 
@@ -789,11 +790,15 @@ class ServerProtocol:
         self._aggregate = None
         self._b_shares.clear()
         self._s_shares.clear()
-        notice = RoundOutcome(status=outcome.status, contributors=list(outcome.contributors),
-                              reason=outcome.reason)
+        listed = list(outcome.contributors) if len(outcome.contributors) <= \
+            OUTCOME_LIST_LIMIT else []
         actions: list[Action] = [CancelTimer(PHASE_TIMER)]
         for u, name in enumerate(self.names):
             if u not in self._gone and u not in self._told_outcome:
+                notice = RoundOutcome(status=outcome.status,
+                                      contributor_count=len(outcome.contributors),
+                                      included=u in self.u3 and outcome.status == "ok",
+                                      contributors=listed, reason=outcome.reason)
                 actions.append(Send(name, envelope(self.config.session, self.config.round,
                                                    SERVER, notice)))
         return actions + [RoundFinished(outcome)]
