@@ -416,6 +416,10 @@ class Peer:
         except (ProtocolError, CryptoError, WireError) as exc:
             log.warning("%s: rejected %s from %r: %s", self.peer_id, env.type, env.sender, exc)
             return False
+        except Exception:
+            log.exception("%s: internal error handling %s from %r", self.peer_id, env.type,
+                          env.sender)
+            return False
         if connection is not None:
             self._bind(env.sender, connection)
         self._apply(actions)
@@ -555,6 +559,9 @@ class Peer:
                 actions = protocol.handle(PeerGone(SERVER))
             else:
                 return
+        except Exception:
+            log.exception("%s: internal error handling %r", self.peer_id, type(event).__name__)
+            actions = protocol.handle(PeerGone(SERVER))
         self._apply(actions)
 
     def _apply(self, actions: list[Action]) -> None:

@@ -277,6 +277,11 @@ class Coordinator:
         except (ProtocolError, CryptoError) as exc:
             self._apply(protocol.reject(client.name, str(exc)))
             return client.name in self._clients
+        except Exception:
+            # A bug, not bad input: keep serving the others, but say so loudly.
+            log.exception("internal error handling %s from %r", env.type, client.name)
+            self._apply(protocol.reject(client.name, "internal error (see server log)"))
+            return client.name in self._clients
         self._apply(actions)
         return True
 

@@ -26,7 +26,7 @@ from secagg.crypto import shamir
 from secagg.crypto.keys import RandomBytes, agree, load_private, public_from_private
 from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import verify
-from secagg.errors import CryptoError, ProtocolError
+from secagg.errors import CryptoError, EncodingError, ProtocolError
 from secagg.graph import (
     AccumulationTree,
     GraphKind,
@@ -654,7 +654,7 @@ class ServerProtocol:
             if u not in self._answered:
                 self._drop(u, DropReason.UNMASK_SHARE_MISSING)
         threshold = self._graph.share_threshold
-        total = self._aggregate
+        total = self._aggregate.copy()  # a failed attempt must leave the masked sum intact
         generator = MaskGenerator(total.shape[0], total.dtype)
         session, round_number = self.config.session, self.config.round
         try:
@@ -674,10 +674,13 @@ class ServerProtocol:
         except ProtocolError as exc:
             return self._abort(str(exc))
         total_weight: float | None = None
-        if self.encoder.weighted is not None:
-            aggregate, total_weight = self.encoder.weighted.decode_mean(total)
-        else:
-            aggregate = self.encoder.quantizer.decode(total)
+        try:
+            if self.encoder.weighted is not None:
+                aggregate, total_weight = self.encoder.weighted.decode_mean(total)
+            else:
+                aggregate = self.encoder.quantizer.decode(total)
+        except EncodingError as exc:  # e.g. every contributor sent weight 0
+            return self._abort(f"cannot decode the aggregate: {exc}")
         return self._finish(ServerOutcome(
             status="ok", round=self.config.round, aggregate=aggregate,
             contributors=tuple(self.names[u] for u in sorted(self.u3)),
