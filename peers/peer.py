@@ -74,6 +74,20 @@ MAX_EARLY_FRAMES = 4096
 Connection = ClientConnection | ServerConnection
 
 
+async def _settle(task: asyncio.Task[None], timeout: float | None = None) -> None:
+    """Wait for one of our own tasks to end, whether it finishes, fails or was cancelled.
+
+    A CancelledError raised because *our caller* is being cancelled propagates.
+    """
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+    except Exception:  # the task's own failure was logged where it happened
+        task.cancel()
+
+
 class PeerError(Exception):
     """The peer cannot take part (server unreachable, rejected, closed)."""
 
@@ -198,6 +212,11 @@ class Peer:
                         if link.connection is not None]
         for connection in connections:
             connection.transport.abort()
+        # Nothing queued or half-connected may leave after death.
+        for task in [*self._link_tasks, self._server_writer,
+                     *(link.writer for link in self._links.values())]:
+            if task is not None:
+                task.cancel()
         if self._listener is not None:
             self._listener.close()
         if self._outcome is not None and not self._outcome.done():
@@ -209,26 +228,22 @@ class Peer:
         self._timers.clear()
         self._server_outbox.put_nowait(None)
         if self._server_writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server_writer, 2)
+            await _settle(self._server_writer, timeout=2)
         if self._server is not None:
             await self._server.close()
         if self._server_reader is not None:
             self._server_reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._server_reader
+            await _settle(self._server_reader)
         for link in list(self._links.values()):
             link.outbox.put_nowait(None)
         for task in list(self._link_tasks):
             task.cancel()
         for task in list(self._link_tasks):
-            with contextlib.suppress(BaseException):
-                await task
+            await _settle(task)
         for link in list(self._links.values()):
             if link.writer is not None:
                 link.writer.cancel()
-                with contextlib.suppress(BaseException):
-                    await link.writer
+                await _settle(link.writer)
             if link.connection is not None:
                 await link.connection.close()
         self._links.clear()
@@ -315,9 +330,10 @@ class Peer:
 
     def _on_server_frame(self, frame: bytes) -> None:
         protocol = self._protocol
-        limits = protocol.limits() if protocol is not None else Limits()
+        # Server frames carry no vectors: generic limits, the protocol checks the rest
+        # (a finished round's roster size must not constrain the next round's notices).
         try:
-            env = decode(frame, limits)
+            env = decode(frame, Limits(max_frame_bytes=self._max_frame))
         except WireError as exc:
             log.warning("%s: malformed frame from the coordinator: %s", self.peer_id, exc)
             if protocol is not None and not protocol.finished:

@@ -456,9 +456,9 @@ class ServerProtocol:
         # and holding a partial sum, becomes the root.
         self._gone.add(current)
         self._root = u
-        old_root = self._tree.root()
-        expected = [c for c in self._tree.children(old_root)
-                    if c != u and c not in self._gone]
+        # The new root does not know the dead root's subtree: it waits for every live
+        # member of U2 to be accounted for (inside some partial sum, or gone).
+        expected = [v for v in sorted(self.u2) if v != u and v not in self._gone]
         log.info("root %s unreachable; %s is the new root", self.names[current],
                  self.names[u])
         self.stats["new_root"] = self.names[u]
@@ -760,6 +760,8 @@ class ServerProtocol:
         elif self.state is ServerState.MASKING and self._tree is not None and u in self._tree:
             parent = self._tree.parent(u)
             waiting = [parent] if parent is not None else []
+            if self._root != self._tree.root() and self._root not in (u, parent):
+                waiting.append(self._root)  # a named new root waits for everyone
         return [self._send(v, PeerDropped(peer=u)) for v in waiting if v not in self._gone]
 
     # ------------------------------------------------------------ endings
@@ -779,8 +781,19 @@ class ServerProtocol:
                      drop_details=dict(sorted(self.drop_details.items())))
         return stats
 
+    _GONE_REASON = {
+        ServerState.SHARING: DropReason.NO_SHARE_REPORT,
+        ServerState.MASKING: DropReason.NO_MASKED_INPUT,
+        ServerState.CONSISTENCY: DropReason.SIGNATURE_MISSING,
+        ServerState.UNMASKING: DropReason.UNMASK_SHARE_MISSING,
+    }
+
     def _abort(self, reason: str) -> list[Action]:
         log.warning("round %d aborted: %s", self.config.round, reason)
+        gone_reason = self._GONE_REASON.get(self.state)
+        if gone_reason is not None:
+            for u in sorted(self._gone):
+                self._drop(u, gone_reason)
         return self._finish(ServerOutcome(
             status="aborted", round=self.config.round, aggregate=None,
             contributors=(), dropped=self._dropped_view(), threshold=self.config.threshold,
