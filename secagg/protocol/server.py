@@ -175,6 +175,14 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, str], str] = {
 }
 """(state, message type) -> handler. Anything else is a ProtocolError."""
 
+GONE_REASON: dict[ServerState, DropReason] = {
+    _S.SHARING: DropReason.NO_SHARE_REPORT,
+    _S.MASKING: DropReason.NO_MASKED_INPUT,
+    _S.CONSISTENCY: DropReason.SIGNATURE_MISSING,
+    _S.UNMASKING: DropReason.UNMASK_SHARE_MISSING,
+}
+"""Why a peer that vanished in a phase is dropped, when the round aborts there."""
+
 
 class ServerProtocol:
     """The coordinator of one round."""
@@ -781,16 +789,9 @@ class ServerProtocol:
                      drop_details=dict(sorted(self.drop_details.items())))
         return stats
 
-    _GONE_REASON = {
-        ServerState.SHARING: DropReason.NO_SHARE_REPORT,
-        ServerState.MASKING: DropReason.NO_MASKED_INPUT,
-        ServerState.CONSISTENCY: DropReason.SIGNATURE_MISSING,
-        ServerState.UNMASKING: DropReason.UNMASK_SHARE_MISSING,
-    }
-
     def _abort(self, reason: str) -> list[Action]:
         log.warning("round %d aborted: %s", self.config.round, reason)
-        gone_reason = self._GONE_REASON.get(self.state)
+        gone_reason = GONE_REASON.get(self.state)
         if gone_reason is not None:
             for u in sorted(self._gone):
                 self._drop(u, gone_reason)

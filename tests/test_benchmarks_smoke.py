@@ -1,0 +1,94 @@
+"""Smoke test: the benchmark scripts run (``--quick``) and print well-formed JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+MASKING_KEYS = {"bench", "params", "seconds", "limit_seconds", "ratio", "target_ratio",
+                "meets_target"}
+SIM_KEYS = {"bench", "params", "seconds", "status", "exact", "max_abs_error", "error_bound",
+            "u1", "u2", "u3", "degree", "events", "virtual_seconds", "max_peer_bytes_sent",
+            "server_bytes_in", "server_bytes_in_vectors"}
+SIM_MEMORY_KEYS = {"peak_total_bytes", "server_retained_peak_bytes", "server_vector_bytes",
+                   "server_transient_peak_bytes", "server_peak_bytes_bound"}
+
+
+def run_script(name: str, *args: str) -> list[dict[str, Any]]:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, f"{name} printed nothing; stderr: {proc.stderr}"
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) for r in records)
+    return records
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_masking_quick() -> None:
+    records = run_script("masking.py", "--quick", "--repeat", "5")
+    assert [(r["params"]["d"], r["params"]["k"]) for r in records] == [(10_000, 2), (10_000, 10)]
+    for r in records:
+        assert r.keys() >= MASKING_KEYS
+        assert r["bench"] == "masking"
+        assert r["params"]["dtype"] == "uint32"
+        assert positive(r["seconds"]) and positive(r["limit_seconds"])
+        assert positive(r["ratio"])
+        assert r["ratio"] == pytest.approx(r["seconds"] / r["limit_seconds"])
+        assert r["target_ratio"] == 1.5
+        assert r["meets_target"] is (r["ratio"] <= 1.5)
+
+
+def check_sim_record(r: dict[str, Any], d: int) -> None:
+    assert r.keys() >= SIM_KEYS
+    assert r["bench"] == "sim_scale"
+    n = r["params"]["n"]
+    assert r["params"]["d"] == d
+    assert positive(r["seconds"])
+    assert r["status"] == "ok", r.get("reason")
+    assert r["exact"] is True
+    assert 0 <= r["max_abs_error"] < r["error_bound"]
+    dropped = sum(r["params"]["dropouts"].values())
+    assert dropped == round(0.1 * n)
+    assert r["u1"] == n
+    assert n - dropped <= r["u3"] <= r["u2"] <= r["u1"]
+    assert 2 <= r["degree"] <= n - 1
+    assert r["events"] > 0 and r["virtual_seconds"] > 0
+    assert positive(r["max_peer_bytes_sent"])
+    # At least the one aggregate vector reaches the server.
+    assert r["server_bytes_in"] >= 4 * d
+    assert r["server_bytes_in_vectors"] == pytest.approx(r["server_bytes_in"] / (4 * d))
+
+
+def test_sim_scale_quick() -> None:
+    records = run_script("sim_scale.py", "--quick")
+    assert [r["params"]["n"] for r in records] == [20, 60]
+    for r in records:
+        check_sim_record(r, d=1000)
+        assert r["params"]["mode"] == "timing"
+
+
+def test_sim_scale_quick_memory() -> None:
+    records = run_script("sim_scale.py", "--quick", "--memory", "--n", "20")
+    assert [r["params"]["n"] for r in records] == [20]
+    for r in records:
+        check_sim_record(r, d=1000)
+        assert r["params"]["mode"] == "memory"
+        assert r.keys() >= SIM_MEMORY_KEYS
+        assert all(positive(r[key]) for key in SIM_MEMORY_KEYS)
+        # The server holds O(d) vector data: the aggregate and the decoded float64 sum.
+        assert r["server_vector_bytes"] >= 4 * 1000
+        assert r["server_peak_bytes_bound"] < r["peak_total_bytes"]
