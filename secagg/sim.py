@@ -262,7 +262,7 @@ class Network:
             return
         self.dead.add(name)
         self._push(LATENCY, SERVER, PeerGone(name))
-        for other in self._connected_to(name):
+        for other in sorted(self._connected_to(name)):
             if other not in self.dead:
                 self._push(LATENCY, other, PeerGone(name))
 

@@ -511,7 +511,7 @@ def decode(frame: bytes, limits: Limits | None = None) -> Envelope:
     if not isinstance(raw, list) or len(raw) != 6:
         raise WireError("frame is not a 6-element envelope array")
     version, type_name, session, round_number, sender, body = raw
-    if version != WIRE_VERSION:
+    if type(version) is not int or version != WIRE_VERSION:
         raise WireError(f"unsupported wire version {version!r} (expected {WIRE_VERSION})")
     if not isinstance(type_name, str) or type_name not in _REGISTRY:
         raise WireError(f"unknown message type {type_name!r}")

@@ -337,7 +337,7 @@ class PeerProtocol:
             return self._abort(f"input has {self._vector.shape[0]} coordinates but the round "
                                f"expects {roster.dim - (1 if roster.weighted else 0)}")
         if roster.threat_model == "active":
-            self._verify_roster_signatures(env, roster)
+            self._verify_entries(roster.neighbours)
 
         self._roster, self._graph, self._encoder = roster, graph, encoder
         self.index = roster.your_index
@@ -348,15 +348,20 @@ class PeerProtocol:
             SetTimer(SHARE_TIMER, roster.phase_timeout * SHARE_REPORT_FRACTION)
         ] + self._replay_buffered() + self._maybe_report()
 
-    def _verify_roster_signatures(self, env: Envelope, roster: Roster) -> None:
-        for entry in roster.neighbours:
+    def _verify_entries(self, entries: list[PeerEntry]) -> None:
+        """Under the active model, every key we use must be signed by a (pinned) identity.
+
+        This covers tree contacts and new roots too, not only the roster: otherwise a
+        server could substitute the identity keys that R3 signatures are checked against.
+        """
+        for entry in entries:
             pinned = self._trusted_identities.get(entry.name)
             if pinned is not None and pinned != entry.identity_key:
                 raise ProtocolError(f"identity key of {entry.name!r} does not match the "
                                     "pinned key")
             try:
                 verify(entry.identity_key, signed_keys_message(
-                    env.session, env.round, entry.name, entry.channel_key, entry.mask_key),
+                    self.session, self.round, entry.name, entry.channel_key, entry.mask_key),
                     entry.signature)
             except CryptoError as exc:
                 raise ProtocolError(f"keys of {entry.name!r} are not validly signed: "
@@ -364,6 +369,8 @@ class PeerProtocol:
 
     def _add_contacts(self, entries: list[PeerEntry]) -> None:
         assert self._channel_private is not None
+        if self._roster is not None and self._roster.threat_model == "active":
+            self._verify_entries([e for e in entries if self._contacts.get(e.index) != e])
         for entry in entries:
             known = self._contacts.get(entry.index)
             if known is not None:
@@ -577,7 +584,10 @@ class PeerProtocol:
         target = next((a for a in self._ancestors
                        if a not in self._dead_ancestors and a not in self._gone), None)
         if target is None:
+            already_reported = bool(self._awaiting_new_root)
             self._awaiting_new_root.append(partial)
+            if already_reported or self._is_root:
+                return []  # the server already knows; the NewRoot answer covers this sum
             return [self._to_server(AncestorsUnreachable(tried=list(self._ancestors)))]
         sealed = seal(self._channel_keys[target], encode_record(partial),
                       associated(self.session, self.round, PARTIAL_SUM, self.index, target),

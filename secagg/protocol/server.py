@@ -330,6 +330,7 @@ class ServerProtocol:
     def _close_registration(self) -> list[Action]:
         count = len(self._registered)
         if count < self.config.threshold:
+            self.names = sorted(self._registered)  # so that they are told the outcome
             return self._abort(f"only {count} peers registered, threshold is "
                                f"{self.config.threshold}")
         self.names = sorted(self._registered)
@@ -452,7 +453,9 @@ class ServerProtocol:
         if u not in self.u2:
             raise ProtocolError(f"{env.sender!r} is not in U2")
         if u == self._root:
-            raise ProtocolError("the root has no ancestors to lose")
+            # A repeat that crossed our NewRoot naming u: nothing more to do.
+            log.info("ignoring a repeated ancestor report from the root %r", env.sender)
+            return []
         current = self._root
         pointed_before = self._pointed_to.get(u) == current
         if current != self._tree.root() and current not in self._gone and not pointed_before:
