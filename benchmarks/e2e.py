@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d", type=int, help="... with this many coordinates")
     parser.add_argument("--graph", choices=["complete", "sparse"], default="complete")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--phase-timeout", type=float, default=120.0)
+    parser.add_argument("--phase-timeout", type=float, default=30.0,
+                        help="the coordinator's phase timeout (its default, 30 s)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,

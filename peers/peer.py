@@ -479,6 +479,10 @@ class Peer:
             # One connection per pair. In the symmetric R1 exchange the pair's
             # connection is opened by the lower-named peer, or by the one without a
             # listener (the only one that can); the other waits for it.
+            if exchange and not action.address and not self.address:
+                # Neither side can be dialled: the coordinator forwards, at once.
+                self._forward_via_server(action.recipient, action.envelope, frame)
+                return
             wait = exchange and (not action.address or (
                 bool(self.address) and self.peer_id > action.recipient))
             link = _Link(name=action.recipient)
@@ -496,8 +500,13 @@ class Peer:
 
     async def _open_link(self, link: _Link, address: str, wait_for_incoming: bool) -> None:
         if wait_for_incoming:
+            # Wait long: a peer that died is announced by the coordinator (PeerDropped),
+            # which ends the wait; dialling early would open a second connection.
+            patience = self._link_wait
+            if self._protocol is not None:
+                patience = max(patience, 0.6 * self._protocol.phase_timeout)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.ready.wait(), self._link_wait)
+                await asyncio.wait_for(link.ready.wait(), patience)
             if link.ready.is_set():
                 return
         if link.abandoned:

@@ -87,6 +87,7 @@ class _Client:
     name: str = ""
     outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     writer: asyncio.Task[None] | None = None
+    closing: asyncio.Task[None] | None = None
 
 
 class Coordinator:
@@ -240,6 +241,11 @@ class Coordinator:
             pass
         finally:
             self._on_closed(client)
+            if client.closing is not None:
+                # Deliver the queued notice and close with the reason before returning
+                # (returning from the handler closes the connection at once).
+                with contextlib.suppress(Exception):
+                    await client.closing
 
     def _on_frame(self, client: _Client, frame: bytes) -> bool:
         """Handle one frame; False when the connection must close."""
@@ -336,7 +342,8 @@ class Coordinator:
                     await asyncio.wait_for(asyncio.shield(client.writer), 5)
             await client.connection.close(code=1008, reason=reason[:120])
 
-        asyncio.get_running_loop().create_task(close_later())
+        if client.closing is None:
+            client.closing = asyncio.get_running_loop().create_task(close_later())
 
     # ------------------------------------------------------------ actions
 

@@ -248,6 +248,11 @@ class PeerProtocol:
         return Limits.for_round(max_peers=self._roster.size, dim=self._roster.dim,
                                 modulus_bits=self._roster.modulus_bits)
 
+    @property
+    def phase_timeout(self) -> float:
+        """The round's phase timeout (0 before the roster arrives)."""
+        return self._roster.phase_timeout if self._roster is not None else 0.0
+
     def name_of(self, index: int) -> str | None:
         entry = self._contacts.get(index)
         return entry.name if entry is not None else None

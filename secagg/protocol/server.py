@@ -406,8 +406,13 @@ class ServerProtocol:
     def _start_masking(self) -> list[Action]:
         assert self._graph is not None
         tree_seed = self._random_bytes(32)
-        listening = [u for u in sorted(self.u2) if self._entries[u].address]
-        unreachable = [u for u in sorted(self.u2) if not self._entries[u].address]
+        # Route only through peers still connected: a dead relay would make its
+        # children wait for a deadline to learn what we already know.
+        alive = [u for u in sorted(self.u2) if u not in self._gone]
+        if not alive:
+            return self._abort("every member of U2 is gone")
+        listening = [u for u in alive if self._entries[u].address]
+        unreachable = [u for u in alive if not self._entries[u].address]
         if unreachable and listening:
             # Peers without a listener go last in the heap order: they are leaves as
             # long as there are enough listening peers to carry them.
@@ -415,7 +420,7 @@ class ServerProtocol:
                 build_tree(unreachable, tree_seed, self.config.fan_in).order
             tree = AccumulationTree(order=order, fan_in=self.config.fan_in)
         else:
-            tree = build_tree(sorted(self.u2), tree_seed, self.config.fan_in)
+            tree = build_tree(alive, tree_seed, self.config.fan_in)
         self._tree = tree
         self._root = tree.root()
         self.state = ServerState.MASKING
@@ -558,7 +563,9 @@ class ServerProtocol:
         self.state = ServerState.UNMASKING
         dropped_all = self.u2 - self.u3
         for v in sorted(self.u4):
-            if v not in self._gone:
+            if v in self._gone:
+                self._drop(v, DropReason.UNMASK_SHARE_MISSING)  # gone before R4 began
+            else:
                 neighbourhood = frozenset(self._graph.neighbours(v))
                 self._partition[v] = (self.u3 & neighbourhood, dropped_all & neighbourhood)
         # Every member of U4 gets a request (possibly wanting nothing), so that a peer
