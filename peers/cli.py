@@ -14,19 +14,14 @@ import logging
 import ssl
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 
 from peers.peer import Peer, PeerError
+from secagg.cli_support import OneLineParser, configure_logging
 from secagg.errors import SecAggError
 
 log = logging.getLogger("secagg.peer.cli")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -37,7 +32,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="secagg-peer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="secagg-peer", description=__doc__.splitlines()[0])
     parser.add_argument("--server", required=True, help="coordinator URL, ws://H:P or wss://H:P")
     parser.add_argument("--id", required=True, dest="peer_id", help="this peer's unique id")
     parser.add_argument("--input", required=True, type=Path, help=".npy file, 1-D or 2-D")
@@ -109,9 +104,7 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    configure_logging(args.verbose)
     if not args.server.startswith(("ws://", "wss://")):
         parser.error(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -16,21 +16,14 @@ import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 
+from secagg.cli_support import OneLineParser, configure_logging
 from secagg.errors import SecAggError
 from server.coordinator import Coordinator, RoundResult
 
 log = logging.getLogger("secagg.server.cli")
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, not a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -48,7 +41,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="secagg-server", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="secagg-server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     parser.add_argument("--min-peers", type=_positive_int, required=True,
@@ -147,9 +140,7 @@ async def serve_rounds(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    configure_logging(args.verbose)
     if args.mode != "masking":
         parser.error(f"--mode {args.mode} is not available yet (only 'masking' is implemented)")
     if bool(args.tls_cert) != bool(args.tls_key):
