@@ -70,6 +70,7 @@ DEFAULT_MAX_FRAME = 256 << 20
 # shared connection before opening one itself (R1 exchanges are symmetric).
 LINK_WAIT = 5.0
 MAX_EARLY_FRAMES = 4096
+PEER_CONNECT_ATTEMPTS = 2
 
 Connection = ClientConnection | ServerConnection
 
@@ -287,9 +288,11 @@ class Peer:
 
     # ------------------------------------------------------ the server link
 
-    async def _connect(self, url: str) -> ClientConnection | None:
+    async def _connect(self, url: str, attempts: int | None = None) -> ClientConnection | None:
+        """Open a websocket with bounded retries and exponential backoff; None on failure."""
+        attempts = self._attempts if attempts is None else attempts
         delay = self._backoff
-        for attempt in range(self._attempts):
+        for attempt in range(attempts):
             try:
                 return await connect(url, compression=None, max_size=self._max_frame,
                                      ssl=self._client_ssl if url.startswith("wss") else None,
@@ -299,7 +302,7 @@ class Peer:
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 log.debug("%s: connecting to %s failed (%s), attempt %d", self.peer_id, url,
                           exc, attempt + 1)
-                if attempt + 1 < self._attempts:
+                if attempt + 1 < attempts:
                     await asyncio.sleep(delay)
                     delay *= 2
         return None
@@ -511,7 +514,9 @@ class Peer:
                 return
         if link.abandoned:
             return
-        connection = await self._connect(address) if address else None
+        # A peer whose listener refuses mid-round is most likely dead: retry once, briefly
+        # (its children re-route to the next ancestor as soon as we give up).
+        connection = await self._connect(address, PEER_CONNECT_ATTEMPTS) if address else None
         if link.ready.is_set():  # an incoming connection won the race, or the peer left
             if connection is not None:
                 await connection.close()

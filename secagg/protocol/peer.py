@@ -775,6 +775,9 @@ class PeerProtocol:
         if name == SHARE_TIMER and self.state is PeerState.SHARING:
             return self._report()
         if name == FORWARD_TIMER and self.state is PeerState.MASKING:
+            pending = sorted(self._expected - self._contributors - self._gone)
+            log.info("%s: forward deadline; still missing %d expected sums %s", self.name,
+                     len(pending), pending[:8])
             return self._forward()
         return []
 
