@@ -34,7 +34,6 @@ from secagg.errors import CryptoError, ProtocolError, WireError
 from secagg.protocol import (
     CancelTimer,
     DeliveryFailed,
-    Disconnect,
     MessageReceived,
     PeerGone,
     PeerOutcome,
@@ -56,6 +55,7 @@ from secagg.wire import (
     RoundOpen,
     decode,
     encode,
+    validate_names,
 )
 
 log = logging.getLogger("secagg.peer")
@@ -127,8 +127,6 @@ class Peer:
         link_wait: float = LINK_WAIT,
         random_bytes: RandomBytes = os.urandom,
     ) -> None:
-        from secagg.wire import validate_names
-
         validate_names([peer_id])
         self.server_url = server_url
         self.peer_id = peer_id
@@ -608,10 +606,6 @@ class Peer:
                 handle = self._timers.pop(action.name, None)
                 if handle is not None:
                     handle.cancel()
-            elif isinstance(action, Disconnect):
-                link = self._links.pop(action.name, None)
-                if link is not None:
-                    link.outbox.put_nowait(None)
             elif isinstance(action, RoundFinished):
                 assert isinstance(action.outcome, PeerOutcome)
                 if self._outcome is not None and not self._outcome.done():

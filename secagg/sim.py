@@ -154,6 +154,7 @@ class Network:
         self.bytes_sent: dict[str, int] = {}
         self.server_bytes_in = 0
         self.rejections: list[str] = []
+        self._index_of: dict[str, int] = {}
 
     # ----------------------------------------------------------- plumbing
 
@@ -270,8 +271,9 @@ class Network:
         """Peers that would hold a connection to ``name``: neighbours and tree relatives."""
         server = self.server
         names = server.names
-        index = {n: i for i, n in enumerate(names)} if names else {}
-        u = index.get(name)
+        if len(self._index_of) != len(names):  # the roster is fixed once R0 closes
+            self._index_of = {n: i for i, n in enumerate(names)}
+        u = self._index_of.get(name)
         if u is None:
             return set()
         connected: set[str] = set()

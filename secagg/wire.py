@@ -19,9 +19,6 @@ import dataclasses
 import math
 import re
 import sys
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
@@ -659,8 +656,6 @@ def _check(hint: Any, value: Any, limits: Limits, where: str) -> Any:
         return [_check(item_hint, item, limits, f"{where}[{i}]") for i, item in enumerate(value)]
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _decode_record(hint, value, limits, where)
-    if origin in (typing.Union, types.UnionType):
-        raise WireError(f"{where}: union types are not part of the wire schema")
     raise WireError(f"{where}: no wire schema for {hint!r}")  # pragma: no cover
 
 
@@ -698,5 +693,3 @@ def validate_names(names: list[str]) -> None:
         if not _NAME_PATTERN.match(name):
             raise WireError(f"{name[:70]!r} is not a valid peer name")
 
-
-Decoder = Callable[[bytes], Envelope]

@@ -21,7 +21,7 @@ from secagg.crypto.keys import agree
 from secagg.encoding import Quantizer, WeightedEncoding
 from secagg.errors import ProtocolError
 from secagg.graph import GraphKind, check_threshold
-from secagg.wire import SERVER, Envelope, Message
+from secagg.wire import Envelope, Message
 
 ThreatModel = Literal["honest-but-curious", "active"]
 THREAT_MODELS: tuple[ThreatModel, ...] = ("honest-but-curious", "active")
@@ -116,6 +116,3 @@ def check_envelope(env: Envelope, session: bytes, round: int) -> None:
         raise ProtocolError(f"{env.type} from {env.sender!r} is for round {env.round}, "
                             f"this is round {round} (replayed or late)")
 
-
-def is_server(sender: str) -> bool:
-    return sender == SERVER

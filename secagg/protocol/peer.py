@@ -257,10 +257,6 @@ class PeerProtocol:
         entry = self._contacts.get(index)
         return entry.name if entry is not None else None
 
-    def address_of(self, name: str) -> str:
-        index = self._index_of.get(name)
-        return self._contacts[index].address if index is not None else ""
-
     @property
     def finished(self) -> bool:
         return self.state is PeerState.FINISHED
@@ -373,7 +369,6 @@ class PeerProtocol:
                                     f"{exc}") from None
 
     def _add_contacts(self, entries: list[PeerEntry]) -> None:
-        assert self._channel_private is not None
         if self._roster is not None and self._roster.threat_model == "active":
             self._verify_entries([e for e in entries if self._contacts.get(e.index) != e])
         for entry in entries:
@@ -386,9 +381,17 @@ class PeerProtocol:
                 raise ProtocolError(f"duplicate peer name {entry.name!r}")
             self._contacts[entry.index] = entry
             self._index_of[entry.name] = entry.index
-            if entry.index != self.index:
-                self._channel_keys[entry.index] = channel_key(
-                    self._channel_private, entry.channel_key, self.session, self.round)
+
+    def _channel_key(self, index: int) -> bytes:
+        """The pair's AEAD key, derived on first use: a root learns the entries of its
+        whole subtree but exchanges frames with only a few of them."""
+        key = self._channel_keys.get(index)
+        if key is None:
+            assert self._channel_private is not None
+            key = channel_key(self._channel_private, self._contacts[index].channel_key,
+                              self.session, self.round)
+            self._channel_keys[index] = key
+        return key
 
     def _send_shares(self) -> list[Action]:
         assert self._graph is not None and self._mask_keys_pair is not None
@@ -407,7 +410,7 @@ class PeerProtocol:
                 continue
             plaintext = encode_record(SharePair(self_mask_share=b_share.to_bytes(),
                                                 secret_key_share=s_share.to_bytes()))
-            sealed = seal(self._channel_keys[neighbour], plaintext,
+            sealed = seal(self._channel_key(neighbour), plaintext,
                           associated(self.session, self.round, SHARE_KEYS, self.index,
                                      neighbour), self._random_bytes)
             actions.append(self._to_peer(neighbour, EncryptedShares(ciphertext=sealed)))
@@ -415,7 +418,7 @@ class PeerProtocol:
 
     def _sender_index(self, env: Envelope) -> int:
         index = self._index_of.get(env.sender)
-        if index is None or index not in self._channel_keys:
+        if index is None or index == self.index:
             raise ProtocolError(f"{env.type} from unknown peer {env.sender!r}")
         return index
 
@@ -440,7 +443,7 @@ class PeerProtocol:
             raise ProtocolError(f"duplicate shares from {env.sender!r} (replay)")
         body = env.body
         assert isinstance(body, EncryptedShares)
-        plaintext = open_sealed(self._channel_keys[sender], body.ciphertext,
+        plaintext = open_sealed(self._channel_key(sender), body.ciphertext,
                                 associated(self.session, self.round, SHARE_KEYS, sender,
                                            self.index))
         pair = decode_record(SharePair, plaintext)
@@ -520,7 +523,7 @@ class PeerProtocol:
         sender = self._sender_index(env)
         body = env.body
         assert isinstance(body, EncryptedPartialSum) and self._roster is not None
-        plaintext = open_sealed(self._channel_keys[sender], body.ciphertext,
+        plaintext = open_sealed(self._channel_key(sender), body.ciphertext,
                                 associated(self.session, self.round, PARTIAL_SUM, sender,
                                            self.index))
         partial = decode_record(PartialSum, plaintext, self.limits())
@@ -594,7 +597,7 @@ class PeerProtocol:
             if already_reported or self._is_root:
                 return []  # the server already knows; the NewRoot answer covers this sum
             return [self._to_server(AncestorsUnreachable(tried=list(self._ancestors)))]
-        sealed = seal(self._channel_keys[target], encode_record(partial),
+        sealed = seal(self._channel_key(target), encode_record(partial),
                       associated(self.session, self.round, PARTIAL_SUM, self.index, target),
                       self._random_bytes)
         body = EncryptedPartialSum(ciphertext=sealed)
@@ -612,14 +615,11 @@ class PeerProtocol:
             held, self._awaiting_new_root = self._awaiting_new_root, []
             assert self._sum is not None
             self._sum = self._sum.copy()
-            counted = set(self._contributors)
             for partial in held:
-                fresh = set(partial.contributors) - counted
-                if fresh and partial.vector is not self._sum:
-                    if fresh != set(partial.contributors):
-                        continue
+                members = set(partial.contributors)
+                if members.isdisjoint(self._contributors):  # our own sum is counted already
                     np.add(self._sum, partial.vector, out=self._sum)
-                    self._contributors |= fresh
+                    self._contributors |= members
             self._forwarded -= self._contributors
             self._expected = set(new_root.expected)
             self.state = PeerState.MASKING
