@@ -20,6 +20,8 @@ n = 12, d = 1,000.
   ring). DESIGN.md section 8: one masked vector leaves each peer.
 - ``server_bytes_ratio``: bytes the coordinator received during the round
   (``stats["bytes_in"]``) over 4 * d. The server receives one vector per round.
+- ``params.mode``: ``--mode paillier`` or ``hybrid`` runs the homomorphic modes
+  (DESIGN section 5); the byte ratios then include the ciphertext expansion.
 - ``exact``: the aggregate equals the sum of the contributors' inputs within the
   quantization bound n / scale.
 
@@ -185,7 +187,7 @@ def worker_main(url: str, indices: list[int], d: int, seed: int, victims: list[i
 
 
 async def bench_one(n: int, d: int, graph: str, seed: int, phase_timeout: float,
-                    fd_limit: int) -> dict[str, Any]:
+                    fd_limit: int, mode: str = "masking") -> dict[str, Any]:
     threshold = n // 2 + 1
     degree = make_graph(graph, n, threshold, bytes(32)).degree  # type: ignore[arg-type]
     crash_count = max(1, round(DROPOUT * n))
@@ -195,12 +197,13 @@ async def bench_one(n: int, d: int, graph: str, seed: int, phase_timeout: float,
     params: dict[str, Any] = {"n": n, "d": d, "graph": graph, "threshold": threshold,
                               "degree": degree, "fan_in": FAN_IN, "dropout": DROPOUT,
                               "crash_state": CRASH_STATE, "crashed": len(victims),
-                              "modulus_bits": 32, "peer_processes": processes}
+                              "modulus_bits": 32, "peer_processes": processes, "mode": mode}
     record: dict[str, Any] = {"bench": "e2e", "params": params}
     setup_started = time.perf_counter()
     async with Coordinator(HOST, 0, min_peers=n, threshold=threshold, dim=d,
                            graph=graph, fan_in=FAN_IN,  # type: ignore[arg-type]
-                           phase_timeout=phase_timeout) as coordinator:
+                           phase_timeout=phase_timeout,
+                           mode=mode) as coordinator:  # type: ignore[arg-type]
         if processes == 1:
             ready = asyncio.Event()
             peers_task = asyncio.create_task(run_peers(
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="run one configuration with this many peers")
     parser.add_argument("--d", type=int, help="... with this many coordinates")
     parser.add_argument("--graph", choices=["complete", "sparse"], default="complete")
+    parser.add_argument("--mode", choices=["masking", "paillier", "hybrid"], default="masking")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phase-timeout", type=float, default=30.0,
                         help="the coordinator's phase timeout (its default, 30 s)")
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     fd_limit = raise_fd_limit()
     for config in configs:
         record = asyncio.run(bench_one(config["n"], config["d"], config["graph"], args.seed,
-                                       args.phase_timeout, fd_limit))
+                                       args.phase_timeout, fd_limit, args.mode))
         print(json.dumps(record), flush=True)
     return 0
 

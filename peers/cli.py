@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id", required=True, dest="peer_id", help="this peer's unique id")
     parser.add_argument("--input", required=True, type=Path, help=".npy file, 1-D or 2-D")
     parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--mode", choices=["any", "masking", "paillier", "hybrid"],
+                        default="any",
+                        help="take part only in rounds of this mode (default: any mode the "
+                             "coordinator runs)")
     parser.add_argument("--listen", type=_listen_address, default=("127.0.0.1", 0),
                         help="HOST:PORT of this peer's listener (port 0 picks one)")
     parser.add_argument("--no-listen", action="store_true",
@@ -87,7 +91,8 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> 
 
     listen = None if args.no_listen else args.listen
     async with Peer(args.server, args.peer_id, listen=listen, listener_ssl=listener_ssl,
-                    client_ssl=client_ssl, progress=progress) as peer:
+                    client_ssl=client_ssl, progress=progress,
+                    mode=None if args.mode == "any" else args.mode) as peer:
         for index in range(rounds):
             vector = data[index] if data.ndim == 2 else data
             outcome = await peer.contribute(vector, weight=args.weight)

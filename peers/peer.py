@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from secagg.crypto.keys import RandomBytes
 from secagg.crypto.signing import SigningKey
-from secagg.errors import CryptoError, ProtocolError, WireError
+from secagg.errors import CryptoError, EncodingError, ProtocolError, WireError
 from secagg.protocol import (
     CancelTimer,
     DeliveryFailed,
@@ -43,6 +43,7 @@ from secagg.protocol import (
     SetTimer,
     TimerExpired,
 )
+from secagg.protocol.common import MODES, Mode, round_limits, slot_layout
 from secagg.protocol.events import Action, Event
 from secagg.wire import (
     SERVER,
@@ -126,8 +127,14 @@ class Peer:
         max_frame_bytes: int = DEFAULT_MAX_FRAME,
         link_wait: float = LINK_WAIT,
         random_bytes: RandomBytes = os.urandom,
+        mode: Mode | None = None,
     ) -> None:
+        """``mode`` restricts this peer to rounds of that mode ("masking", "paillier"
+        or "hybrid"); with None it takes part in whatever mode the coordinator runs."""
         validate_names([peer_id])
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, not {mode!r}")
+        self.mode = mode
         self.server_url = server_url
         self.peer_id = peer_id
         self._listen = listen
@@ -272,9 +279,16 @@ class Peer:
             raise ValueError(f"the round expects a vector of {notice.dim} coordinates, got "
                              f"shape {vector.shape}")
         self._last_round = open_round.round
+        if self.mode is not None and notice.mode != self.mode:
+            # Decline before registering, so the round is not held up by a peer that
+            # would only abort when the roster comes.
+            reason = (f"the round runs in {notice.mode} mode, this peer takes part only in "
+                      f"{self.mode} mode")
+            log.warning("%s: declines round %d: %s", self.peer_id, open_round.round, reason)
+            return PeerOutcome(status="aborted", round=open_round.round, reason=reason)
         protocol = PeerProtocol(self.peer_id, address=self.address,
                                 random_bytes=self._random_bytes, identity=self._identity,
-                                trusted_identities=self._trusted)
+                                trusted_identities=self._trusted, mode=self.mode)
         self._protocol = protocol
         self._outcome = asyncio.get_running_loop().create_future()
         self._report_progress()
@@ -329,6 +343,22 @@ class Peer:
             except ConnectionClosed:
                 return
 
+    def _round_frame_limit(self, notice: RoundOpen) -> int:
+        """The largest peer-to-peer frame of the announced round (worst case: weighted,
+        64-bit ring, encrypted in the paillier and hybrid modes)."""
+        peers, dim = max(notice.max_peers, 1), notice.dim + 1
+        layout = None
+        if notice.mode != "masking":
+            try:
+                layout = slot_layout(key_bits=notice.paillier_key_bits, modulus_bits=64,
+                                     peers=peers)
+            except EncodingError as exc:
+                log.warning("%s: the round notice has unusable Paillier parameters (%s)",
+                            self.peer_id, exc)
+                return self._max_frame
+        return round_limits(peers=peers, dim=dim, modulus_bits=64,
+                            layout=layout).max_frame_bytes
+
     def _on_server_frame(self, frame: bytes) -> None:
         protocol = self._protocol
         # Server frames carry no vectors: generic limits, the protocol checks the rest
@@ -348,9 +378,7 @@ class Peer:
         if isinstance(body, RoundOpen):
             # Size the peer links' frame limit from the round (the wire limits of the
             # round apply on top once the roster is known).
-            self._frame_limit = Limits.for_round(
-                max_peers=max(body.max_peers, 1), dim=body.dim + 1,
-                modulus_bits=64).max_frame_bytes
+            self._frame_limit = self._round_frame_limit(body)
             for connection in self._peer_connections():
                 self._limit_frames(connection)
             self._round_open = env

@@ -33,6 +33,8 @@ from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey, generate_signing_key
 from secagg.errors import CryptoError, ProtocolError, WireError
 from secagg.graph import GraphKind, NeighbourGraph, make_graph
+from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
+from secagg.protocol.common import Mode
 from secagg.protocol.events import (
     Action,
     CancelTimer,
@@ -55,6 +57,7 @@ from secagg.wire import (
     ConsistencyRequest,
     Envelope,
     MaskingStart,
+    PaillierRootAggregate,
     RootAggregate,
     Roster,
     UnmaskRequest,
@@ -76,8 +79,8 @@ _DEATH_TRIGGER = {
     "consistency_check": ConsistencyRequest.TYPE,
     "unmasking": UnmaskRequest.TYPE,
 }
-_FORWARDING = frozenset({"encrypted_partial_sum", RootAggregate.TYPE, "root_abort",
-                         "ancestors_unreachable"})
+_FORWARDING = frozenset({"encrypted_partial_sum", RootAggregate.TYPE,
+                         PaillierRootAggregate.TYPE, "root_abort", "ancestors_unreachable"})
 
 
 class DeterministicRandom:
@@ -108,9 +111,11 @@ class ServerView:
         return revealed
 
     def vectors(self) -> list[tuple[str, ...]]:
-        """The contributor sets of every masked vector the server received."""
+        """The contributor sets of every aggregate (masked vector, or ciphertexts the
+        server can decrypt) the server received."""
         return [tuple(self.names[u] for u in env.body.contributors)
-                for env in self.messages if isinstance(env.body, RootAggregate)]
+                for env in self.messages
+                if isinstance(env.body, RootAggregate | PaillierRootAggregate)]
 
 
 @dataclass
@@ -321,6 +326,9 @@ def run_round(
     phase_timeout: float = 10.0,
     encode_frames: bool = True,
     max_weight: float | None = None,
+    mode: Mode = "masking",
+    paillier_keys: PaillierKeyPair | None = None,
+    paillier_key_bits: int = DEFAULT_KEY_BITS,
 ) -> SimResult:
     """Run one full round in memory and return what the server computed.
 
@@ -329,6 +337,10 @@ def run_round(
     its masked input), ``"relay"`` (dies holding its children's sums, sending
     nothing), ``"consistency_check"`` (like ``"unmasking"`` without R3) or
     ``"unmasking"``. With ``weights``, the aggregate is the weighted mean.
+
+    ``mode`` is ``"masking"`` (the default), ``"paillier"`` or ``"hybrid"``; the
+    latter two use ``paillier_keys`` as the server's key pair if given (generating
+    one costs tens of milliseconds), else a fresh one of ``paillier_key_bits``.
     """
     inputs = np.asarray(inputs, dtype=np.float64)
     if inputs.ndim != 2 or inputs.shape[0] < 2 or inputs.shape[1] < 1:
@@ -360,9 +372,12 @@ def run_round(
                           graph=graph, fan_in=fan_in, clip=clip, scale=scale,
                           modulus_bits=bits, weighted=weighted,
                           max_weight=max_weight if max_weight is not None else 1.0,
-                          phase_timeout=phase_timeout)
+                          phase_timeout=phase_timeout, mode=mode,
+                          paillier_key_bits=(paillier_keys.public.n.bit_length()
+                                             if paillier_keys is not None
+                                             else paillier_key_bits))
     server = ServerProtocol(config, random_bytes=DeterministicRandom(seed, "server"),
-                            record_view=True)
+                            record_view=True, paillier_keys=paillier_keys)
     names = [peer_name(i) for i in range(n)]
     generator = MaskGenerator(config.wire_dim, np.uint32 if bits == 32 else np.uint64)
     identities: dict[str, SigningKey] = {}

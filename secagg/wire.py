@@ -81,12 +81,18 @@ class CountMarker:
     """A peer count: ``0 <= c <= limits.max_peers``."""
 
 
+class CiphertextBlockMarker:
+    """Paillier ciphertexts: exactly ``limits.ciphertext_bytes`` bytes when that is set."""
+
+
 Key32 = Annotated[bytes, Blob(exact=32)]
 OptionalKey32 = Annotated[bytes, Blob(max_len=32)]  # empty when not used
 OptionalSignature = Annotated[bytes, Blob(max_len=64)]
 ShareBytes = Annotated[bytes, Blob(exact=33)]
 Seed = Annotated[bytes, Blob(exact=32)]
 Ciphertext = Annotated[bytes, Blob(max_len=1 << 31)]
+CiphertextBlock = Annotated[bytes, Blob(max_len=1 << 31), CiphertextBlockMarker()]
+PaillierKey = Annotated[bytes, Blob(max_len=384)]  # n of a 2048- or 3072-bit key; empty if unused
 PeerName = Annotated[str, Text(64, _NAME_PATTERN)]
 Address = Annotated[str, Text(256)]
 Reason = Annotated[str, Text(512)]
@@ -107,16 +113,25 @@ class Limits:
     max_frame_bytes: int = 64 << 20
     dim: int | None = None
     """When set, every vector must have exactly this many coordinates."""
+    ciphertext_bytes: int | None = None
+    """When set, every block of Paillier ciphertexts must be exactly this long."""
 
     @classmethod
-    def for_round(cls, *, max_peers: int, dim: int, modulus_bits: int = 64) -> Limits:
-        """Limits for a round of at most ``max_peers`` peers and ``dim`` coordinates."""
-        vector_bytes = dim * (modulus_bits // 8)
-        # The largest legitimate frame is a vector (possibly AEAD-wrapped) plus a
-        # contributor list and the roster-sized bookkeeping; leave generous slack.
-        # A roster entry is about 250 bytes on the wire (350 with an identity key).
-        frame = vector_bytes + 512 * max_peers + (1 << 16)
-        return cls(max_peers=max_peers, max_dim=dim, max_frame_bytes=frame, dim=dim)
+    def for_round(cls, *, max_peers: int, dim: int, modulus_bits: int = 64,
+                  ciphertext_bytes: int | None = None) -> Limits:
+        """Limits for a round of at most ``max_peers`` peers and ``dim`` coordinates.
+
+        ``ciphertext_bytes`` is the size of the round's encrypted vector in the
+        paillier and hybrid modes (None in the masking mode).
+        """
+        payload_bytes = max(dim * (modulus_bits // 8), ciphertext_bytes or 0)
+        # The largest legitimate frame is a vector or a ciphertext block (possibly
+        # AEAD-wrapped) plus a contributor list and the roster-sized bookkeeping;
+        # leave generous slack. A roster entry is about 250 bytes on the wire (350
+        # with an identity key).
+        frame = payload_bytes + 512 * max_peers + (1 << 16)
+        return cls(max_peers=max_peers, max_dim=dim, max_frame_bytes=frame, dim=dim,
+                   ciphertext_bytes=ciphertext_bytes)
 
 
 # --------------------------------------------------------------------------
@@ -211,6 +226,10 @@ class Roster(Message):
     fan_in: Annotated[int, IntRange(2, 1024)]
     phase_timeout: Seconds
     neighbours: list[PeerEntry]
+    """The peer's neighbourhood (itself included); just the peer itself in paillier mode."""
+    mode: Annotated[str, Text(16)] = "masking"
+    paillier_key: PaillierKey = b""
+    """The server's Paillier public modulus n (paillier and hybrid modes)."""
 
 
 # --------------------------------------------------------------------------
@@ -295,6 +314,17 @@ class PartialSum(Message):
 
 @message
 @dataclass(frozen=True)
+class PaillierPartialSum(Message):
+    """The AEAD plaintext of :class:`EncryptedPartialSum` in the paillier and hybrid
+    modes: the partial sum as packed Paillier ciphertexts under the server's key."""
+
+    TYPE: ClassVar[str] = "paillier_partial_sum"
+    ciphertexts: CiphertextBlock
+    contributors: list[PeerIndex]
+
+
+@message
+@dataclass(frozen=True)
 class AncestorsUnreachable(Message):
     """Peer -> server: no ancestor of mine is reachable; name a new root."""
 
@@ -337,6 +367,17 @@ class RootAggregate(Message):
 
     TYPE: ClassVar[str] = "root_aggregate"
     vector: np.ndarray
+    contributors: list[PeerIndex]
+
+
+@message
+@dataclass(frozen=True)
+class PaillierRootAggregate(Message):
+    """Root -> server (paillier and hybrid modes): the combined sum as ciphertexts,
+    sent only with at least t contributors."""
+
+    TYPE: ClassVar[str] = "paillier_root_aggregate"
+    ciphertexts: CiphertextBlock
     contributors: list[PeerIndex]
 
 
@@ -447,6 +488,9 @@ class RoundOpen(Message):
     """Coordinates of the caller's vector (without the weight coordinate)."""
     weighted: bool
     max_peers: PeerCount
+    mode: Annotated[str, Text(16)] = "masking"
+    paillier_key_bits: Annotated[int, IntRange(0, 16384)] = 0
+    """With ``mode``: lets a peer size its frame limits for encrypted partial sums."""
 
 
 @message
@@ -646,6 +690,10 @@ def _check(hint: Any, value: Any, limits: Limits, where: str) -> Any:
                     raise WireError(f"{where}: expected {marker.exact} bytes, got {len(value)}")
                 if len(value) > marker.max_len:
                     raise WireError(f"{where}: more than {marker.max_len} bytes")
+            if isinstance(marker, CiphertextBlockMarker) and limits.ciphertext_bytes is not None \
+                    and len(value) != limits.ciphertext_bytes:
+                raise WireError(f"{where}: {len(value)} bytes of ciphertexts, the round's "
+                                f"encrypted vector has {limits.ciphertext_bytes}")
         return value
     if origin is list:
         (item_hint,) = get_args(hint)

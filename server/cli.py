@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=_positive_int, required=True,
                         help="coordinates of every peer's vector")
     parser.add_argument("--rounds", type=_positive_int, default=1)
-    parser.add_argument("--mode", choices=["masking", "paillier", "hybrid"], default="masking")
+    parser.add_argument("--mode", choices=["masking", "paillier", "hybrid"], default="masking",
+                        help="masking (pairwise masks), paillier (inputs encrypted under "
+                             "the server's key; no masks) or hybrid (masked and encrypted)")
+    parser.add_argument("--paillier-key-bits", type=int, choices=[2048, 3072], default=2048,
+                        help="Paillier modulus size for --mode paillier/hybrid")
     parser.add_argument("--graph", choices=["complete", "sparse"], default="complete")
     parser.add_argument("--threat-model", choices=["honest-but-curious", "active"],
                         default="honest-but-curious")
@@ -110,7 +114,7 @@ async def serve_rounds(args: argparse.Namespace) -> int:
         dim=args.dim, graph=args.graph, threat_model=args.threat_model,
         phase_timeout=args.phase_timeout, clip=args.clip, modulus_bits=args.modulus_bits,
         fan_in=args.fan_in, weighted=args.weighted, max_weight=args.max_weight,
-        ssl_context=ssl_context)
+        ssl_context=ssl_context, mode=args.mode, paillier_key_bits=args.paillier_key_bits)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    if args.mode != "masking":
-        parser.error(f"--mode {args.mode} is not available yet (only 'masking' is implemented)")
+    if args.mode == "paillier" and args.graph != "complete":
+        parser.error("--mode paillier has no masks and so no neighbour graph: drop --graph "
+                     "sparse (it applies to masking and hybrid)")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.threshold > args.min_peers or 2 * args.threshold <= args.min_peers:

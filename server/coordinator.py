@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 
 from secagg.errors import CryptoError, ProtocolError, WireError
 from secagg.graph import GraphKind
+from secagg.paillier import DEFAULT_KEY_BITS
 from secagg.protocol import (
     CancelTimer,
     Disconnect,
@@ -45,7 +46,7 @@ from secagg.protocol import (
     SetTimer,
     TimerExpired,
 )
-from secagg.protocol.common import ThreatModel
+from secagg.protocol.common import Mode, ThreatModel, round_limits
 from secagg.protocol.events import Action
 from secagg.wire import (
     SERVER,
@@ -118,6 +119,8 @@ class Coordinator:
         ssl_context: ssl.SSLContext | None = None,
         session: bytes | None = None,
         progress: Callable[[str, int], None] | None = None,
+        mode: Mode = "masking",
+        paillier_key_bits: int = DEFAULT_KEY_BITS,
     ) -> None:
         self.host, self.port = host, port
         self.session = session or os.urandom(16)
@@ -126,12 +129,13 @@ class Coordinator:
             session=self.session, round=0, min_peers=min_peers, threshold=threshold, dim=dim,
             threat_model=threat_model, graph=graph, fan_in=fan_in, clip=clip, scale=scale,
             modulus_bits=modulus_bits, weighted=weighted, max_weight=max_weight,
-            phase_timeout=phase_timeout)
+            phase_timeout=phase_timeout, mode=mode, paillier_key_bits=paillier_key_bits)
         self._template.encoder()
         self._ssl = ssl_context
         self._progress = progress
-        self._limits: Limits = Limits.for_round(max_peers=min_peers, dim=self._template.wire_dim,
-                                                modulus_bits=modulus_bits)
+        self._limits: Limits = round_limits(peers=min_peers, dim=self._template.wire_dim,
+                                            modulus_bits=modulus_bits,
+                                            layout=self._template.slot_layout())
         self._server: Server | None = None
         self._clients: dict[str, _Client] = {}
         self._anonymous: set[_Client] = set()
@@ -196,8 +200,10 @@ class Coordinator:
         self._last_state = protocol.state
         log.info("round %d: registration open", self._round_number)
         self._apply(protocol.start())
-        notice = self._frame(RoundOpen(dim=config.dim, weighted=config.weighted,
-                                       max_peers=config.min_peers))
+        notice = self._frame(RoundOpen(
+            dim=config.dim, weighted=config.weighted, max_peers=config.min_peers,
+            mode=config.mode,
+            paillier_key_bits=0 if config.mode == "masking" else config.paillier_key_bits))
         for client in list(self._clients.values()) + list(self._anonymous):
             self._enqueue(client, notice)
         outcome = await self._finished

@@ -92,3 +92,31 @@ def test_sim_scale_quick_memory() -> None:
         # The server holds O(d) vector data: the aggregate and the decoded float64 sum.
         assert r["server_vector_bytes"] >= 4 * 1000
         assert r["server_peak_bytes_bound"] < r["peak_total_bytes"]
+
+
+PAILLIER_KEYS = {
+    "paillier_encrypt": {"ours_per_value_us", "phe_per_value_us", "speedup_vs_phe",
+                         "speedup_from_packing", "speedup_from_short_exponent", "slots",
+                         "setup_seconds", "target_speedup", "floor_speedup", "meets_target"},
+    "paillier_bytes": {"bytes_per_value", "ratio", "target_ratio", "meets_target"},
+    "paillier_relay_add": {"seconds", "per_ciphertext_add_us"},
+    "paillier_decrypt": {"seconds", "exact"},
+}
+
+
+def test_paillier_quick() -> None:
+    records = run_script("paillier.py", "--quick")
+    by_bench = {r["bench"]: r for r in records if r["bench"] in PAILLIER_KEYS}
+    assert by_bench.keys() == PAILLIER_KEYS.keys()
+    for bench, keys in PAILLIER_KEYS.items():
+        r = by_bench[bench]
+        assert r.keys() >= keys | {"bench", "params"}
+        assert r["params"]["d"] == 1000 and r["params"]["key_bits"] == 2048
+    encrypt = by_bench["paillier_encrypt"]
+    # Positive, not "meets the target": a slow machine must not fail the suite.
+    assert positive(encrypt["speedup_vs_phe"])
+    assert encrypt["meets_target"] is (encrypt["speedup_vs_phe"] >= encrypt["target_speedup"])
+    assert encrypt["params"]["exponent_bits"] == 256
+    assert by_bench["paillier_bytes"]["ratio"] == pytest.approx(
+        by_bench["paillier_bytes"]["bytes_per_value"] / 4)
+    assert by_bench["paillier_decrypt"]["exact"] is True

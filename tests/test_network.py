@@ -64,7 +64,7 @@ def coordinator(**overrides: Any) -> Coordinator:
 
 def check_ok_round(result: Any, outcomes: Mapping[str, PeerOutcome | BaseException],
                    inputs: Mapping[str, np.ndarray], swarm: Swarm, *, n: int = N,
-                   threshold: int = T) -> None:
+                   threshold: int = T, mode: str = "masking") -> None:
     """The invariants every successful round must satisfy, whatever dropped."""
     aggregate, contributors, stats = result
     outcome = result.outcome
@@ -94,8 +94,10 @@ def check_ok_round(result: Any, outcomes: Mapping[str, PeerOutcome | BaseExcepti
     assert stats["u1"] == n
     assert stats["u3"] == len(contributors)
     assert stats["bytes_in"] > 0 and stats["bytes_out"] > 0
-    assert set(stats["phase_seconds"]) >= {"collecting_keys", "sharing", "masking",
-                                          "unmasking"}
+    phases = {"collecting_keys", "masking"} if mode == "paillier" else \
+        {"collecting_keys", "sharing", "masking", "unmasking"}
+    assert set(stats["phase_seconds"]) >= phases
+    assert stats["mode"] == mode
 
 
 # ------------------------------------------------------------- no dropouts
@@ -539,3 +541,51 @@ def test_e2e_benchmark_quick_smoke() -> None:
         assert set(record["targets"]) == {"seconds", "peer_bytes_ratio",
                                           "server_bytes_ratio"}
         assert set(record["phase_seconds"]) >= {"sharing", "masking", "unmasking"}
+
+
+# ------------------------------------------------------- paillier and hybrid
+
+
+@pytest.mark.parametrize("mode", ["paillier", "hybrid"])
+async def test_homomorphic_modes_survive_crashes_and_nat_peers(mode: str) -> None:
+    """Encrypted partial sums over real websockets: a leaf dies before its input
+    leaves it, a relay dies holding its children's ciphertexts, and two peers have
+    no listener (their sealed frames go through the coordinator, which cannot open
+    them)."""
+    names = peer_names(N)
+    inputs = make_inputs(names, DIM, seed=41)
+    nat = {names[17], names[18]}
+    victims = {names[3]: "reported"}
+    kill_leaf = crash_on(victims)
+    kill_relay = crash_first("masking", 1, among=set(names) - set(victims))
+
+    def hook(swarm: Swarm, name: str, state: str, round_number: int) -> None:
+        kill_leaf(swarm, name, state, round_number)
+        kill_relay(swarm, name, state, round_number)
+
+    async with coordinator(mode=mode, fan_in=3) as c, \
+            Swarm(c.url, names, hook=hook,
+                  listen=lambda name: None if name in nat else (HOST, 0)) as swarm:
+        result, outcomes = await run_round(c, swarm, inputs)
+    check_ok_round(result, outcomes, inputs, swarm, mode=mode)
+    assert len(swarm.crashed) == 2, swarm.crashed  # the leaf and the first relay
+    assert nat <= set(result.contributors)
+    assert result.stats["decrypt_seconds"] > 0
+
+
+async def test_peer_requiring_hybrid_declines_a_paillier_round() -> None:
+    names = peer_names(6)
+    inputs = make_inputs(names, DIM, seed=42)
+    async with coordinator(mode="paillier", min_peers=5, threshold=3) as c:
+        strict = Peer(c.url, "strict", mode="hybrid")
+        async with strict, Swarm(c.url, names[:5]) as swarm:
+            round_task = asyncio.create_task(c.run_round())
+            declined = await asyncio.wait_for(strict.contribute(inputs[names[5]]), 30)
+            outcomes = await swarm.contribute({n: inputs[n] for n in names[:5]})
+            result = await asyncio.wait_for(round_task, 60)
+    assert declined.status == "aborted"
+    assert "only in hybrid mode" in declined.reason
+    assert result.status == "ok"
+    assert "strict" not in result.outcome.dropped  # it never registered
+    check_ok_round(result, outcomes, {n: inputs[n] for n in names[:5]}, swarm, n=5,
+                   threshold=3, mode="paillier")

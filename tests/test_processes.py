@@ -238,33 +238,47 @@ def check_ok(cluster: Cluster) -> dict[str, Any]:
 # ------------------------------------------------------------------ rounds
 
 
+MODES = ["masking", "paillier", "hybrid"]
+MASKED_MODES = ["masking", "hybrid"]  # the modes with R1 and R4 to kill peers in
+
+
+def mode_args(mode: str) -> tuple[str, ...]:
+    return ("--mode", mode)
+
+
 @pytest.mark.slow
-async def test_processes_round_without_kills(tmp_path: Path) -> None:
-    cluster = await run_cluster(tmp_path, None)
+@pytest.mark.parametrize("mode", MODES)
+async def test_processes_round_without_kills(tmp_path: Path, mode: str) -> None:
+    cluster = await run_cluster(tmp_path, None, server_args=mode_args(mode))
     record = check_ok(cluster)
+    assert record["stats"]["mode"] == mode
     assert sorted(record["contributors"]) == sorted(cluster.peers)
     assert record["dropped"] == {}
     # The peers' stderr carries their progress and the outcome, and nothing secret.
+    first_states = ["advertised", "reported"] if mode == "paillier" else \
+        ["advertised", "sharing", "reported"]
     for peer in cluster.peers.values():
         states = [s for s in peer.states if s != "idle"]
-        assert states[:3] == ["advertised", "sharing", "reported"], peer.states
+        assert states[:len(first_states)] == first_states, peer.states
         assert states[-1] == "finished"
         assert any(f"{peer.name}: round 0: ok" in line for line in peer.lines)
 
 
 @pytest.mark.slow
-async def test_processes_kill_during_share_exchange(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MASKED_MODES)
+async def test_processes_kill_during_share_exchange(tmp_path: Path, mode: str) -> None:
     victims = {"p001": "sharing", "p006": "sharing"}
-    cluster = await run_cluster(tmp_path, kill_on(victims))
+    cluster = await run_cluster(tmp_path, kill_on(victims), server_args=mode_args(mode))
     assert set(cluster.killed()) == set(victims)
     record = check_ok(cluster)
     assert set(record["contributors"]) >= set(cluster.peers) - set(victims)
 
 
 @pytest.mark.slow
-async def test_processes_kill_leaf_before_masked_input(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_processes_kill_leaf_before_masked_input(tmp_path: Path, mode: str) -> None:
     victims = {"p002": "reported", "p005": "reported"}
-    cluster = await run_cluster(tmp_path, kill_on(victims))
+    cluster = await run_cluster(tmp_path, kill_on(victims), server_args=mode_args(mode))
     killed = cluster.killed()
     assert set(killed) == set(victims)
     record = check_ok(cluster)
@@ -277,8 +291,10 @@ async def test_processes_kill_leaf_before_masked_input(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_processes_kill_relay_holding_sums(tmp_path: Path) -> None:
-    cluster = await run_cluster(tmp_path, kill_first("masking", 1), fan_in=2)
+@pytest.mark.parametrize("mode", MODES)
+async def test_processes_kill_relay_holding_sums(tmp_path: Path, mode: str) -> None:
+    cluster = await run_cluster(tmp_path, kill_first("masking", 1), fan_in=2,
+                                server_args=mode_args(mode))
     killed = cluster.killed()
     assert len(killed) == 1, cluster.diagnostics()
     record = check_ok(cluster)
@@ -287,7 +303,8 @@ async def test_processes_kill_relay_holding_sums(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_processes_kill_during_unmasking(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MASKED_MODES)
+async def test_processes_kill_during_unmasking(tmp_path: Path, mode: str) -> None:
     victims = ["p003", "p007"]
 
     def hook(cluster: Cluster, process: Process, line: str) -> None:
@@ -296,7 +313,7 @@ async def test_processes_kill_during_unmasking(tmp_path: Path) -> None:
                 if cluster.peers[name].state in ("forwarded", "unmasked"):
                     cluster.peers[name].kill()
 
-    cluster = await run_cluster(tmp_path, hook)
+    cluster = await run_cluster(tmp_path, hook, server_args=mode_args(mode))
     killed = cluster.killed()
     assert set(killed) == set(victims), cluster.diagnostics()
     record = check_ok(cluster)
@@ -308,11 +325,13 @@ async def test_processes_kill_during_unmasking(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_processes_too_many_killed_aborts(tmp_path: Path) -> None:
-    # n - t + 2 die in R1: even if one got a phase further than logged, fewer
-    # than t inputs can reach the root.
-    victims = {name: "sharing" for name in peer_names(N)[: N - T + 2]}
-    cluster = await run_cluster(tmp_path, kill_on(victims))
+@pytest.mark.parametrize("mode", MODES)
+async def test_processes_too_many_killed_aborts(tmp_path: Path, mode: str) -> None:
+    # n - t + 2 die before their input leaves them (in R1 where there is one): even
+    # if one got a phase further than logged, fewer than t inputs can reach the root.
+    state = "reported" if mode == "paillier" else "sharing"
+    victims = {name: state for name in peer_names(N)[: N - T + 2]}
+    cluster = await run_cluster(tmp_path, kill_on(victims), server_args=mode_args(mode))
     assert set(cluster.killed()) == set(victims)
     record = cluster.record()
     assert record["status"] == "aborted", record

@@ -21,11 +21,17 @@ from secagg.crypto.keys import agree
 from secagg.encoding import Quantizer, WeightedEncoding
 from secagg.errors import ProtocolError
 from secagg.graph import GraphKind, check_threshold
-from secagg.wire import Envelope, Message
+from secagg.paillier import SlotLayout
+from secagg.wire import Envelope, Limits, Message
 
 ThreatModel = Literal["honest-but-curious", "active"]
 THREAT_MODELS: tuple[ThreatModel, ...] = ("honest-but-curious", "active")
 GRAPH_KINDS: tuple[GraphKind, ...] = ("complete", "sparse")
+Mode = Literal["masking", "paillier", "hybrid"]
+MODES: tuple[Mode, ...] = ("masking", "paillier", "hybrid")
+"""How inputs are protected on their way up the tree (DESIGN sections 2 and 5):
+``masking`` adds pairwise and self masks; ``paillier`` encrypts under the server's
+Paillier key instead; ``hybrid`` encrypts the masked vectors."""
 
 CHANNEL = "channel"
 SHARE_KEYS = "share-keys"
@@ -64,6 +70,21 @@ class Encoder:
         return self.quantizer.encode(values, rng)
 
 
+def slot_layout(*, key_bits: int, modulus_bits: int, peers: int) -> SlotLayout:
+    """How a round packs its ring elements into Paillier plaintexts: ``modulus_bits``
+    per value, room for the sum of all ``peers`` inputs in every slot."""
+    return SlotLayout(value_bits=modulus_bits, max_summands=peers, key_bits=key_bits)
+
+
+def round_limits(*, peers: int, dim: int, modulus_bits: int, layout: SlotLayout | None) -> Limits:
+    """Decoding limits for a round; ``layout`` is set in the paillier and hybrid modes."""
+    ciphertext_bytes = None
+    if layout is not None:
+        ciphertext_bytes = layout.ciphertext_count(dim) * layout.ciphertext_bytes
+    return Limits.for_round(max_peers=peers, dim=dim, modulus_bits=modulus_bits,
+                            ciphertext_bytes=ciphertext_bytes)
+
+
 def signed_keys_message(session: bytes, round: int, name: str, channel_key: bytes,
                         mask_key: bytes) -> bytes:
     """What a peer signs in R0 under the active threat model."""
@@ -91,8 +112,11 @@ def associated(session: bytes, round: int, purpose: str, sender: int,
                           receiver=receiver)
 
 
-def check_round_shape(size: int, threshold: int, threat_model: str, graph_kind: str) -> None:
+def check_round_shape(size: int, threshold: int, threat_model: str, graph_kind: str,
+                      mode: str = "masking") -> None:
     """Raise ProtocolError unless the announced round shape is one we accept."""
+    if mode not in MODES:
+        raise ProtocolError(f"unknown mode {mode!r}")
     if threat_model not in THREAT_MODELS:
         raise ProtocolError(f"unknown threat model {threat_model!r}")
     if graph_kind not in GRAPH_KINDS:

@@ -26,17 +26,22 @@ from secagg.crypto.signing import SigningKey, sign, verify
 from secagg.errors import CryptoError, EncodingError, ProtocolError, WireError
 from secagg.graph import NeighbourGraph, make_graph
 from secagg.masking import masked_input, pair_seed
+from secagg.paillier import FastEncryptor, load_public_key
 from secagg.protocol.common import (
+    MODES,
     PARTIAL_SUM,
     SHARE_KEYS,
     Encoder,
+    Mode,
     associated,
     channel_key,
     check_envelope,
     check_round_shape,
     consistency_message,
     envelope,
+    round_limits,
     signed_keys_message,
+    slot_layout,
 )
 from secagg.protocol.events import (
     Action,
@@ -51,6 +56,7 @@ from secagg.protocol.events import (
     SetTimer,
     TimerExpired,
 )
+from secagg.protocol.payload import CiphertextPayloads, Partial, Payload, Payloads, RingPayloads
 from secagg.wire import (
     SERVER,
     AdvertiseKeys,
@@ -63,13 +69,11 @@ from secagg.wire import (
     Limits,
     MaskingStart,
     NewRoot,
-    PartialSum,
     PeerDropped,
     PeerEntry,
     Refusal,
     Rejected,
     RootAbort,
-    RootAggregate,
     Roster,
     RoundOutcome,
     SharePair,
@@ -150,8 +154,13 @@ class PeerProtocol:
         trusted_identities: Mapping[str, bytes] | None = None,
         graph_factory: GraphFactory = make_graph,  # type: ignore[assignment]
         mask_generator: MaskGenerator | None = None,
+        mode: Mode | None = None,
     ) -> None:
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, not {mode!r}")
         self.name = name
+        self.required_mode = mode
+        """The only mode this peer takes part in (None: whatever the server runs)."""
         self.address = address
         self._random_bytes = random_bytes
         self._identity = identity
@@ -176,6 +185,8 @@ class PeerProtocol:
         self._roster: Roster | None = None
         self._graph: NeighbourGraph | None = None
         self._encoder: Encoder | None = None
+        self._payloads: Payloads | None = None
+        self._encryptor: FastEncryptor | None = None
         self._contacts: dict[int, PeerEntry] = {}
         self._index_of: dict[str, int] = {}
         self._channel_keys: dict[int, bytes] = {}
@@ -191,11 +202,11 @@ class PeerProtocol:
         self._tree_children: dict[int, list[int]] = {}
         self._expected: set[int] = set()
         self._is_root = False
-        self._sum: np.ndarray | None = None
+        self._sum: Payload | None = None
         self._contributors: set[int] = set()
         self._forwarded: set[int] = set()
-        self._in_flight: dict[int, tuple[int, PartialSum]] = {}
-        self._awaiting_new_root: list[PartialSum] = []
+        self._in_flight: dict[int, tuple[int, Partial]] = {}
+        self._awaiting_new_root: list[Partial] = []
         self._signed_u3: tuple[int, ...] | None = None
         self._unmask_partition: tuple[frozenset[int], frozenset[int], int] = (
             frozenset(), frozenset(), 0)
@@ -245,8 +256,16 @@ class PeerProtocol:
         """Decoding limits for frames addressed to this peer in the current round."""
         if self._roster is None:
             return Limits()
-        return Limits.for_round(max_peers=self._roster.size, dim=self._roster.dim,
-                                modulus_bits=self._roster.modulus_bits)
+        layout = None
+        if isinstance(self._payloads, CiphertextPayloads):
+            layout = self._payloads.layout
+        return round_limits(peers=self._roster.size, dim=self._roster.dim,
+                            modulus_bits=self._roster.modulus_bits, layout=layout)
+
+    @property
+    def mode(self) -> str:
+        """The round's mode, as announced in the roster ("" before it arrives)."""
+        return self._roster.mode if self._roster is not None else ""
 
     @property
     def phase_timeout(self) -> float:
@@ -308,14 +327,25 @@ class PeerProtocol:
     def _on_roster(self, env: Envelope) -> list[Action]:
         roster = env.body
         assert isinstance(roster, Roster)
-        check_round_shape(roster.size, roster.threshold, roster.threat_model, roster.graph_kind)
+        check_round_shape(roster.size, roster.threshold, roster.threat_model, roster.graph_kind,
+                          roster.mode)
         if not 0 <= roster.your_index < roster.size:
             raise ProtocolError("roster index out of range")
-        graph = self._graph_factory(roster.graph_kind, roster.size, roster.threshold,
-                                    roster.graph_seed)
-        if (graph.degree, graph.share_threshold) != (roster.degree, roster.share_threshold):
-            raise ProtocolError("roster graph parameters do not match the graph seed")
-        neighbours = graph.neighbours(roster.your_index)
+        if self.required_mode is not None and roster.mode != self.required_mode:
+            # A server must not talk a peer into a weaker mode than it agreed to.
+            return self._abort(f"the round runs in {roster.mode} mode, this peer takes part "
+                               f"only in {self.required_mode} mode")
+        graph: NeighbourGraph | None = None
+        if roster.mode == "paillier":
+            # No masks, so no neighbourhood: the roster carries the peer's own entry.
+            neighbours: tuple[int, ...] = (roster.your_index,)
+        else:
+            graph = self._graph_factory(roster.graph_kind, roster.size, roster.threshold,
+                                        roster.graph_seed)
+            if (graph.degree, graph.share_threshold) != (roster.degree,
+                                                         roster.share_threshold):
+                raise ProtocolError("roster graph parameters do not match the graph seed")
+            neighbours = graph.neighbours(roster.your_index)
         entries = {entry.index: entry for entry in roster.neighbours}
         if sorted(entries) != list(neighbours) or len(entries) != len(roster.neighbours):
             raise ProtocolError("roster neighbour list does not match the neighbour graph")
@@ -337,17 +367,36 @@ class PeerProtocol:
         if wire_dim != roster.dim:
             return self._abort(f"input has {self._vector.shape[0]} coordinates but the round "
                                f"expects {roster.dim - (1 if roster.weighted else 0)}")
+        try:
+            payloads = self._payloads_for(roster, encoder)
+        except (CryptoError, EncodingError) as exc:
+            return self._abort(f"unusable Paillier parameters: {exc}")
         if roster.threat_model == "active":
             self._verify_entries(roster.neighbours)
 
         self._roster, self._graph, self._encoder = roster, graph, encoder
+        self._payloads = payloads
         self.index = roster.your_index
         self._neighbours = neighbours
         self._add_contacts(roster.neighbours)
+        if roster.mode == "paillier":
+            # Nothing to share: wait for the tree (which the server sends right away).
+            self.state = PeerState.REPORTED
+            return self._replay_buffered()
         self.state = PeerState.SHARING
         return self._send_shares() + [
             SetTimer(SHARE_TIMER, roster.phase_timeout * SHARE_REPORT_FRACTION)
         ] + self._replay_buffered() + self._maybe_report()
+
+    def _payloads_for(self, roster: Roster, encoder: Encoder) -> Payloads:
+        if roster.mode == "masking":
+            if roster.paillier_key:
+                raise ProtocolError("a masking-mode roster carries a Paillier key")
+            return RingPayloads(encoder.dtype)
+        public_key = load_public_key(roster.paillier_key)
+        layout = slot_layout(key_bits=public_key.n.bit_length(),
+                             modulus_bits=roster.modulus_bits, peers=roster.size)
+        return CiphertextPayloads(public_key, layout, layout.ciphertext_count(roster.dim))
 
     def _verify_entries(self, entries: list[PeerEntry]) -> None:
         """Under the active model, every key we use must be signed by a (pinned) identity.
@@ -473,7 +522,7 @@ class PeerProtocol:
             raise ProtocolError("U2 announced to this peer is not a subset of its "
                                 "neighbourhood, or omits the peer itself")
         if start.total_survivors < self._roster.threshold or (
-                self._roster.graph_kind == "complete"
+                self._roster.graph_kind == "complete" and self._roster.mode != "paillier"
                 and len(survivors) != start.total_survivors):
             return self._abort(f"U2 has {start.total_survivors} members, below the threshold "
                                f"{self._roster.threshold}, or is inconsistent")
@@ -494,22 +543,35 @@ class PeerProtocol:
         for gone in self._gone & self._expected:
             self._expect_children_of(gone)
 
-        assert self._vector is not None and self._mask_keys_pair is not None
+        self._sum = self._own_payload(survivors)
+        self._contributors = {self.index}
+        self.state = PeerState.MASKING
+        return [SetTimer(FORWARD_TIMER, start.forward_after)] + self._replay_buffered() + \
+            self._maybe_forward()
+
+    def _own_payload(self, survivors: frozenset[int]) -> Payload:
+        """This peer's contribution: y_u (masking), Enc(q(x_u)) (paillier) or Enc(y_u)."""
+        assert self._vector is not None and self._encoder is not None
+        assert self._roster is not None and self._mask_keys_pair is not None
         rng = np.random.default_rng(np.frombuffer(self._random_bytes(32), dtype=np.uint32))
         encoded = self._encoder.encode(self._vector, self._weight, rng)
+        if self._roster.mode == "paillier":
+            return self._encrypt(encoded)
         own_private = load_private(self._mask_keys_pair.private_bytes)
         pair_seeds = [(v, pair_seed(own_private, self._contacts[v].mask_key))
                       for v in sorted(survivors) if v != self.index]
         generator = self._generator
         if generator is None or generator.length != encoded.shape[0]:
             generator = MaskGenerator(encoded.shape[0], encoded.dtype)
-        self._sum = masked_input(encoded, owner=self.index, self_seed=self._self_mask_seed,
-                                 pair_seeds=pair_seeds, session=self.session,
-                                 round=self.round, generator=generator)
-        self._contributors = {self.index}
-        self.state = PeerState.MASKING
-        return [SetTimer(FORWARD_TIMER, start.forward_after)] + self._replay_buffered() + \
-            self._maybe_forward()
+        masked = masked_input(encoded, owner=self.index, self_seed=self._self_mask_seed,
+                              pair_seeds=pair_seeds, session=self.session, round=self.round,
+                              generator=generator)
+        return masked if self._roster.mode == "masking" else self._encrypt(masked)
+
+    def _encrypt(self, values: np.ndarray) -> list[int]:
+        assert isinstance(self._payloads, CiphertextPayloads)
+        encryptor = FastEncryptor(self._payloads.public_key, random_bytes=self._random_bytes)
+        return encryptor.encrypt_vector(values, self._payloads.layout)
 
     def _expect_children_of(self, gone: int) -> None:
         # The gone peer's children re-route their sums to us, the nearest live ancestor.
@@ -518,19 +580,18 @@ class PeerProtocol:
             if child in self._gone:
                 self._expect_children_of(child)
 
-    def _open_partial_sum(self, env: Envelope) -> PartialSum | None:
+    def _open_partial_sum(self, env: Envelope) -> Partial | None:
         """Authenticate and validate a partial sum; None for a harmless duplicate."""
         sender = self._sender_index(env)
         body = env.body
-        assert isinstance(body, EncryptedPartialSum) and self._roster is not None
+        assert isinstance(body, EncryptedPartialSum) and self._payloads is not None
         plaintext = open_sealed(self._channel_key(sender), body.ciphertext,
                                 associated(self.session, self.round, PARTIAL_SUM, sender,
                                            self.index))
-        partial = decode_record(PartialSum, plaintext, self.limits())
-        assert isinstance(partial, PartialSum) and self._encoder is not None
-        if partial.vector.dtype != self._encoder.dtype:
-            raise ProtocolError(f"partial sum from {env.sender!r} has dtype "
-                                f"{partial.vector.dtype}, the ring is {self._encoder.dtype}")
+        try:
+            partial = self._payloads.decode_partial(plaintext, self.limits())
+        except ProtocolError as exc:
+            raise ProtocolError(f"partial sum from {env.sender!r}: {exc}") from None
         members = set(partial.contributors)
         if not members or len(members) != len(partial.contributors):
             raise ProtocolError(f"partial sum from {env.sender!r} has an empty or repeated "
@@ -548,8 +609,8 @@ class PeerProtocol:
         partial = self._open_partial_sum(env)
         if partial is None:
             return []
-        assert self._sum is not None
-        np.add(self._sum, partial.vector, out=self._sum)
+        assert self._sum is not None and self._payloads is not None
+        self._sum = self._payloads.add(self._sum, partial.payload)
         self._contributors |= set(partial.contributors)
         return self._maybe_forward()
 
@@ -566,8 +627,7 @@ class PeerProtocol:
         # Pass it on unchanged: our own sum already left, and a sum with several
         # contributors keeps the same privacy upstream.
         self._forwarded |= set(partial.contributors)
-        return self._send_up(PartialSum(vector=partial.vector.copy(),
-                                        contributors=list(partial.contributors)))
+        return self._send_up(partial)
 
     def _maybe_forward(self) -> list[Action]:
         if self.state is not PeerState.MASKING:
@@ -577,18 +637,19 @@ class PeerProtocol:
 
     def _forward(self) -> list[Action]:
         assert self._sum is not None and self._roster is not None
+        assert self._payloads is not None
         self.state = PeerState.FORWARDED
         actions: list[Action] = [CancelTimer(FORWARD_TIMER)]
-        contributors = sorted(self._contributors)
+        partial = Partial(self._sum, tuple(sorted(self._contributors)))
         self._forwarded |= self._contributors
         if self._is_root:
-            if len(contributors) >= self._roster.threshold:
-                return actions + [self._to_server(RootAggregate(vector=self._sum,
-                                                                contributors=contributors))]
-            return actions + [self._to_server(RootAbort(contributor_count=len(contributors)))]
-        return actions + self._send_up(PartialSum(vector=self._sum, contributors=contributors))
+            if len(partial.contributors) >= self._roster.threshold:
+                return actions + [self._to_server(self._payloads.root_message(partial))]
+            return actions + [self._to_server(RootAbort(
+                contributor_count=len(partial.contributors)))]
+        return actions + self._send_up(partial)
 
-    def _send_up(self, partial: PartialSum) -> list[Action]:
+    def _send_up(self, partial: Partial) -> list[Action]:
         target = next((a for a in self._ancestors
                        if a not in self._dead_ancestors and a not in self._gone), None)
         if target is None:
@@ -597,7 +658,8 @@ class PeerProtocol:
             if already_reported or self._is_root:
                 return []  # the server already knows; the NewRoot answer covers this sum
             return [self._to_server(AncestorsUnreachable(tried=list(self._ancestors)))]
-        sealed = seal(self._channel_key(target), encode_record(partial),
+        assert self._payloads is not None
+        sealed = seal(self._channel_key(target), self._payloads.encode_partial(partial),
                       associated(self.session, self.round, PARTIAL_SUM, self.index, target),
                       self._random_bytes)
         body = EncryptedPartialSum(ciphertext=sealed)
@@ -613,12 +675,13 @@ class PeerProtocol:
             self._is_root = True
             self._ancestors = []
             held, self._awaiting_new_root = self._awaiting_new_root, []
-            assert self._sum is not None
-            self._sum = self._sum.copy()
+            assert self._sum is not None and self._payloads is not None
+            # The sum we sent up may still be held for a re-send: add into a copy.
+            self._sum = self._payloads.copy(self._sum)
             for partial in held:
                 members = set(partial.contributors)
                 if members.isdisjoint(self._contributors):  # our own sum is counted already
-                    np.add(self._sum, partial.vector, out=self._sum)
+                    self._sum = self._payloads.add(self._sum, partial.payload)
                     self._contributors |= members
             self._forwarded -= self._contributors
             self._expected = set(new_root.expected)

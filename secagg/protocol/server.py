@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,15 +37,29 @@ from secagg.graph import (
     make_graph,
 )
 from secagg.masking import remove_pair_mask, remove_self_mask
+from secagg.paillier import (
+    DEFAULT_KEY_BITS,
+    KEY_BITS,
+    PaillierKeyPair,
+    SlotLayout,
+    ciphertexts_from_bytes,
+    decrypt_vector,
+    generate_keypair,
+    public_key_bytes,
+)
 from secagg.protocol.common import (
     GRAPH_KINDS,
+    MODES,
     THREAT_MODELS,
     Encoder,
+    Mode,
     ThreatModel,
     check_envelope,
     consistency_message,
     envelope,
+    round_limits,
     signed_keys_message,
+    slot_layout,
 )
 from secagg.protocol.events import (
     Action,
@@ -74,6 +89,7 @@ from secagg.wire import (
     MaskingStart,
     Message,
     NewRoot,
+    PaillierRootAggregate,
     PeerDropped,
     PeerEntry,
     Refusal,
@@ -112,6 +128,9 @@ class ServerConfig:
     weighted: bool = False
     max_weight: float = 1.0
     phase_timeout: float = 30.0
+    mode: Mode = "masking"
+    paillier_key_bits: int = DEFAULT_KEY_BITS
+    """Size of the round's Paillier modulus (paillier and hybrid modes)."""
 
     def __post_init__(self) -> None:
         if len(self.session) != SESSION_BYTES:
@@ -129,6 +148,13 @@ class ServerConfig:
             raise ValueError(f"fan_in must be at least 2, got {self.fan_in}")
         if not self.phase_timeout > 0:
             raise ValueError("phase_timeout must be positive")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.paillier_key_bits not in KEY_BITS:
+            raise ValueError(f"paillier_key_bits must be one of {KEY_BITS}")
+        if self.mode == "paillier" and self.graph != "complete":
+            raise ValueError("paillier mode has no masks and so no neighbour graph: "
+                             "use graph='complete' (the sparse graph is for masking and hybrid)")
 
     def encoder(self) -> Encoder:
         return Encoder.create(n=self.min_peers, dim=self.dim, clip=self.clip, scale=self.scale,
@@ -138,6 +164,13 @@ class ServerConfig:
     @property
     def wire_dim(self) -> int:
         return self.dim + (1 if self.weighted else 0)
+
+    def slot_layout(self) -> SlotLayout | None:
+        """How ciphertexts pack the ring elements (None in the masking mode)."""
+        if self.mode == "masking":
+            return None
+        return slot_layout(key_bits=self.paillier_key_bits, modulus_bits=self.modulus_bits,
+                           peers=self.min_peers)
 
 
 class ServerState(StrEnum):
@@ -160,6 +193,7 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, str], str] = {
     **{(state, AdvertiseKeys.TYPE): "_on_late_registration" for state in _AFTER_R0},
     (_S.SHARING, ShareReport.TYPE): "_on_share_report",
     (_S.MASKING, RootAggregate.TYPE): "_on_root_aggregate",
+    (_S.MASKING, PaillierRootAggregate.TYPE): "_on_paillier_aggregate",
     (_S.MASKING, RootAbort.TYPE): "_on_root_abort",
     (_S.MASKING, AncestorsUnreachable.TYPE): "_on_ancestors_unreachable",
     (_S.CONSISTENCY, ConsistencySignature.TYPE): "_on_signature",
@@ -188,9 +222,18 @@ class ServerProtocol:
     """The coordinator of one round."""
 
     def __init__(self, config: ServerConfig, *, random_bytes: RandomBytes = os.urandom,
-                 record_view: bool = False) -> None:
+                 record_view: bool = False, paillier_keys: PaillierKeyPair | None = None) -> None:
+        """``paillier_keys`` is the round's key pair in the paillier and hybrid modes;
+        a fresh one of ``config.paillier_key_bits`` is generated if it is not given."""
         self.config = config
         self.encoder = config.encoder()  # fails early if the encoding cannot fit
+        self.slot_layout = config.slot_layout()  # likewise for the packing of ciphertexts
+        self._paillier_keys: PaillierKeyPair | None = None
+        if self.slot_layout is not None:
+            self._paillier_keys = paillier_keys or generate_keypair(config.paillier_key_bits)
+            if self._paillier_keys.public.n.bit_length() != config.paillier_key_bits:
+                raise ValueError(f"the Paillier key has {self._paillier_keys.public.n.bit_length()}"
+                                 f" bits, the config says {config.paillier_key_bits}")
         self._random_bytes = random_bytes
         self.state = ServerState.IDLE
         self.outcome: ServerOutcome | None = None
@@ -267,8 +310,8 @@ class ServerProtocol:
 
     def limits(self) -> Limits:
         """Decoding limits for frames arriving at this server."""
-        return Limits.for_round(max_peers=self.config.min_peers, dim=self.config.wire_dim,
-                                modulus_bits=self.config.modulus_bits)
+        return round_limits(peers=self.config.min_peers, dim=self.config.wire_dim,
+                            modulus_bits=self.config.modulus_bits, layout=self.slot_layout)
 
     @property
     def finished(self) -> bool:
@@ -343,12 +386,18 @@ class ServerProtocol:
                          enumerate((name, self._registered[name]) for name in self.names)]
         graph_seed = self._random_bytes(32)
         self._graph = make_graph(self.config.graph, n, self.config.threshold, graph_seed)
-        self.stats.update(registered=n, graph=self.config.graph, degree=self._graph.degree,
-                          share_threshold=self._graph.share_threshold)
+        self.stats.update(registered=n, mode=self.config.mode, graph=self.config.graph,
+                          degree=self._graph.degree, share_threshold=self._graph.share_threshold)
         self.state = ServerState.SHARING
         q = self.encoder.quantizer
+        mode = self.config.mode
+        paillier_key = b""
+        if self._paillier_keys is not None:
+            paillier_key = public_key_bytes(self._paillier_keys.public)
         actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
         for u in range(n):
+            # In paillier mode nobody needs anyone's keys until the tree is known.
+            neighbours = [u] if mode == "paillier" else self._graph.neighbours(u)
             actions.append(self._send(u, Roster(
                 your_index=u, size=n, threshold=self.config.threshold,
                 dim=self.config.wire_dim, modulus_bits=q.modulus_bits,
@@ -357,7 +406,13 @@ class ServerProtocol:
                 graph_kind=self._graph.kind, graph_seed=graph_seed,
                 degree=self._graph.degree, share_threshold=self._graph.share_threshold,
                 fan_in=self.config.fan_in, phase_timeout=self.config.phase_timeout,
-                neighbours=[self._entries[v] for v in self._graph.neighbours(u)])))
+                neighbours=[self._entries[v] for v in neighbours], mode=mode,
+                paillier_key=paillier_key)))
+        if mode == "paillier":
+            # No secrets to share, so no R1: everyone registered goes up the tree.
+            self.u2 = frozenset(range(n))
+            self.stats["u2"] = n
+            return actions + self._start_masking()
         return actions
 
     # --------------------------------------------------------------- R1
@@ -435,7 +490,8 @@ class ServerProtocol:
             ancestors = list(tree.ancestors(u))
             parents = [tree.parent(d) for d in descendants]
             contacts = [self._entries[p] for p in (*ancestors, *descendants)]
-            survivors = sorted(self.u2.intersection(self._graph.neighbours(u)))
+            survivors = [u] if self.config.mode == "paillier" else \
+                sorted(self.u2.intersection(self._graph.neighbours(u)))
             # Deeper relays give up waiting earlier, so that a relay's deadline falls
             # before its parent's and the root's before the server's.
             forward_after = timeout * (tree.max_depth - tree.depth(u) + 1) / depth_slots
@@ -486,25 +542,58 @@ class ServerProtocol:
     def _on_root_aggregate(self, env: Envelope) -> list[Action]:
         aggregate = env.body
         assert isinstance(aggregate, RootAggregate)
+        if self.config.mode != "masking":
+            raise ProtocolError(f"the round runs in {self.config.mode} mode: the aggregate "
+                                "must arrive encrypted")
+        contributors = self._check_aggregate(env, aggregate.contributors)
+        if aggregate.vector.dtype != self.encoder.dtype:
+            raise ProtocolError(f"aggregate dtype {aggregate.vector.dtype} is not the ring "
+                                f"{self.encoder.dtype}")
+        return self._accept_aggregate(aggregate.vector.copy(), contributors)
+
+    def _on_paillier_aggregate(self, env: Envelope) -> list[Action]:
+        aggregate = env.body
+        assert isinstance(aggregate, PaillierRootAggregate)
+        if self._paillier_keys is None or self.slot_layout is None:
+            raise ProtocolError("the round runs in masking mode: the aggregate is a vector")
+        contributors = self._check_aggregate(env, aggregate.contributors)
+        layout, keys = self.slot_layout, self._paillier_keys
+        try:
+            ciphertexts = ciphertexts_from_bytes(aggregate.ciphertexts, keys.public,
+                                                 layout.ciphertext_count(self.config.wire_dim))
+        except CryptoError as exc:
+            raise ProtocolError(f"malformed encrypted aggregate: {exc}") from None
+        started = time.perf_counter()
+        total = decrypt_vector(keys.private, ciphertexts, layout, self.config.wire_dim,
+                               self.encoder.dtype)
+        self.stats["decrypt_seconds"] = time.perf_counter() - started
+        return self._accept_aggregate(total, contributors)
+
+    def _check_aggregate(self, env: Envelope, listed: list[int]) -> frozenset[int]:
         if self._index[env.sender] != self._root:
             raise ProtocolError(f"{env.sender!r} is not the root and may not send the "
                                 "aggregate")
-        contributors = frozenset(aggregate.contributors)
-        if len(contributors) != len(aggregate.contributors):
+        contributors = frozenset(listed)
+        if len(contributors) != len(listed):
             raise ProtocolError("aggregate lists a contributor twice")
         if not contributors <= self.u2:
             raise ProtocolError("aggregate names contributors outside U2")
         if len(contributors) < self.config.threshold:
             raise ProtocolError(f"aggregate has {len(contributors)} contributors, below the "
                                 f"threshold {self.config.threshold}")
-        if aggregate.vector.dtype != self.encoder.dtype:
-            raise ProtocolError(f"aggregate dtype {aggregate.vector.dtype} is not the ring "
-                                f"{self.encoder.dtype}")
-        self._aggregate = aggregate.vector.copy()
+        return contributors
+
+    def _accept_aggregate(self, total: np.ndarray, contributors: frozenset[int]) -> list[Action]:
+        """U3 is fixed: unmask the ring sum (masking, hybrid) or decode it (paillier)."""
+        self._aggregate = total
         self.u3 = contributors
         self.stats["u3"] = len(self.u3)
         for u in sorted(self.u2 - self.u3):
             self._drop(u, DropReason.NO_MASKED_INPUT)
+        if self.config.mode == "paillier":
+            # Nothing is masked and nothing is revealed later, so no R3 or R4.
+            self.u4 = self.u3
+            return self._decode_and_finish(total)
         if self.config.threat_model == "active":
             return self._start_consistency()
         self.u4 = self.u3
@@ -691,6 +780,10 @@ class ServerProtocol:
                                          generator=generator)
         except ProtocolError as exc:
             return self._abort(str(exc))
+        return self._decode_and_finish(total)
+
+    def _decode_and_finish(self, total: np.ndarray) -> list[Action]:
+        """Decode the unmasked ring sum and end the round with it."""
         total_weight: float | None = None
         try:
             if self.encoder.weighted is not None:
@@ -815,6 +908,7 @@ class ServerProtocol:
         self.outcome = outcome
         # The masked aggregate and the shares are not needed any more.
         self._aggregate = None
+        self._paillier_keys = None  # one key pair per round: the private key goes now
         self._b_shares.clear()
         self._s_shares.clear()
         listed = list(outcome.contributors) if len(outcome.contributors) <= \

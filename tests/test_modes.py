@@ -1,0 +1,427 @@
+"""The paillier and hybrid modes, in memory: whole rounds in the simulator, and the
+protocol objects driven by hand where a test needs to forge or inspect a frame.
+
+The hybrid mode runs the masking protocol with encrypted tree payloads, so it must
+match the masking oracle of ``test_sim`` under every dropout schedule. The paillier
+mode has no R1, R3 or R4: a peer contributes iff it registered and lived through
+the tree phase, and the round aborts iff fewer than t contributions reach the root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_sim import (
+    Case,
+    cases,
+    check_complete_oracle,
+    check_soundness,
+    effectively_complete,
+    quantizer_bound,
+    u3_of,
+)
+
+from secagg.crypto.aead import open_sealed, seal
+from secagg.errors import ProtocolError, WireError
+from secagg.paillier import PaillierKeyPair, decrypt_vector, generate_keypair, public_key_bytes
+from secagg.protocol import MessageReceived, PeerProtocol, RoundFinished, Send, ServerConfig
+from secagg.protocol.common import PARTIAL_SUM, associated, round_limits, slot_layout
+from secagg.protocol.payload import CiphertextPayloads
+from secagg.protocol.server import ServerProtocol
+from secagg.sim import Network, SimResult, peer_name, run_round
+from secagg.wire import (
+    SERVER,
+    SESSION_BYTES,
+    EncryptedPartialSum,
+    EncryptedShares,
+    Envelope,
+    PaillierPartialSum,
+    PaillierRootAggregate,
+    PeerEntry,
+    RootAggregate,
+    Roster,
+    UnmaskShares,
+    decode,
+    encode,
+    encode_record,
+)
+
+
+@pytest.fixture(scope="module")
+def keys() -> PaillierKeyPair:
+    return generate_keypair(2048)
+
+
+# One key pair for the property tests (generated once per process, not per example).
+_KEYS: list[PaillierKeyPair] = []
+
+
+def module_keys() -> PaillierKeyPair:
+    if not _KEYS:
+        _KEYS.append(generate_keypair(2048))
+    return _KEYS[0]
+
+
+def run_case(case: Case, mode: str) -> SimResult:
+    return run_round(case.inputs(), case.t, case.dropouts, graph=case.graph,  # type: ignore[arg-type]
+                     seed=case.seed, fan_in=case.fan_in, threat_model=case.threat_model,
+                     mode=mode, paillier_keys=module_keys())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Hybrid: the masking oracle, unchanged
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases(max_n=25))
+def test_hybrid_rounds_match_the_masking_oracle(case: Case) -> None:
+    result = run_case(case, "hybrid")
+    check_soundness(case, result)
+    if effectively_complete(case, result):
+        check_complete_oracle(case, result)
+
+
+# --------------------------------------------------------------------------
+# Paillier: its own, simpler oracle
+
+NEVER_CONTRIBUTE_PAILLIER = frozenset({"advertise_keys", "share_keys", "masked_input", "relay"})
+
+
+def check_paillier_round(case: Case, result: SimResult) -> None:
+    n, t = case.n, case.t
+    # A server in paillier mode holds no shares and asks for none.
+    assert result.server_view.revealed_secrets() == {}
+    assert not any(isinstance(env.body, UnmaskShares | RootAggregate)
+                   for env in result.server_view.messages)
+    for members in result.server_view.vectors():
+        assert len(members) >= t, f"ciphertexts of {len(members)} < t contributors released"
+    registered = n - sum(1 for ph in case.dropouts.values() if ph == "advertise_keys")
+    if registered < t:
+        assert result.status == "aborted" and "registered" in result.reason
+        return
+    u3 = u3_of(result)
+    if u3 is None or len(u3) < t:
+        assert result.status == "aborted", result.stats
+        assert "no aggregate" in result.reason or "masked inputs" in result.reason, \
+            result.reason
+        assert result.aggregate is None
+        return
+    assert result.status == "ok", (result.reason, result.stats)
+    never = {p for p, ph in case.dropouts.items() if ph in NEVER_CONTRIBUTE_PAILLIER}
+    assert not set(result.contributors) & never
+    # Deaths in R3/R4 phases cannot happen: those phases do not exist here.
+    late = {p for p, ph in case.dropouts.items() if ph in ("consistency_check", "unmasking")}
+    assert result.stats["u3"] == len(result.contributors) == len(u3)
+    assert set(result.contributors) == u3
+    assert result.aggregate is not None
+    error = np.abs(result.aggregate - case.inputs()[result.contributors].sum(axis=0))
+    assert error.max() < quantizer_bound(n, case.d)
+    if case.graph == "complete" and not {p for p, ph in case.dropouts.items()
+                                          if ph == "relay"}:
+        # Without a dying relay nobody alive is lost, and the late "deaths" contribute.
+        alive = set(range(n)) - never
+        assert set(result.contributors) == alive
+        assert late <= alive
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases(max_n=25, graphs=("complete",)))
+def test_paillier_rounds_are_exact_or_abort_below_threshold(case: Case) -> None:
+    check_paillier_round(case, run_case(case, "paillier"))
+
+
+# --------------------------------------------------------------------------
+# Examples
+
+
+@pytest.mark.parametrize("mode", ["paillier", "hybrid"])
+def test_round_without_dropouts_is_exact(mode: str, keys: PaillierKeyPair) -> None:
+    inputs = np.random.default_rng(1).uniform(-1, 1, size=(12, 50))
+    result = run_round(inputs, 7, mode=mode, paillier_keys=keys)  # type: ignore[arg-type]
+    assert result.status == "ok", result.reason
+    assert result.contributors == list(range(12))
+    assert result.aggregate is not None
+    assert np.abs(result.aggregate - inputs.sum(axis=0)).max() < quantizer_bound(12, 50)
+    assert result.stats["decrypt_seconds"] > 0
+
+
+def test_modes_agree_on_the_quantized_sum(keys: PaillierKeyPair) -> None:
+    # Inputs on the quantization grid round deterministically, so every mode must
+    # produce the very same aggregate, bit for bit.
+    scale = 2.0 ** 20
+    inputs = np.random.default_rng(2).integers(-2**18, 2**18, size=(9, 30)) / scale
+    results = {mode: run_round(inputs, 5, {3: "masked_input", 7: "unmasking"}, scale=scale,
+                               mode=mode, paillier_keys=keys)  # type: ignore[arg-type]
+               for mode in ("masking", "paillier", "hybrid")}
+    expected = inputs.sum(axis=0)
+    for mode, result in results.items():
+        assert result.status == "ok", (mode, result.reason)
+        assert result.aggregate is not None
+        contributors = result.contributors
+        np.testing.assert_array_equal(result.aggregate, inputs[contributors].sum(axis=0))
+    # Peer 7's death in R4 matters to masking and hybrid only: paillier has no R4.
+    assert 7 in results["paillier"].contributors
+    np.testing.assert_array_equal(results["paillier"].aggregate,
+                                  expected - inputs[3])
+
+
+def test_hybrid_on_the_sparse_graph_under_the_active_model(keys: PaillierKeyPair) -> None:
+    inputs = np.random.default_rng(3).uniform(-1, 1, size=(60, 8))
+    result = run_round(inputs, 31, {5: "share_keys", 9: "masked_input", 11: "unmasking"},
+                       graph="sparse", threat_model="active", mode="hybrid",
+                       paillier_keys=keys)
+    assert result.status == "ok", result.reason
+    assert result.stats["degree"] < 59  # really sparse
+    assert result.aggregate is not None
+    error = np.abs(result.aggregate - inputs[result.contributors].sum(axis=0))
+    assert error.max() < quantizer_bound(60, 8)
+
+
+def test_weighted_paillier_round(keys: PaillierKeyPair) -> None:
+    inputs = np.random.default_rng(4).uniform(-1, 1, size=(8, 5))
+    weights = np.arange(1, 9, dtype=np.float64)
+    result = run_round(inputs, 5, weights=weights, mode="paillier", paillier_keys=keys)
+    assert result.status == "ok", result.reason
+    expected = (weights[:, None] * inputs).sum(axis=0) / weights.sum()
+    assert result.aggregate is not None
+    assert np.abs(result.aggregate - expected).max() < 1e-6
+    assert result.total_weight == pytest.approx(weights.sum(), rel=1e-6)
+
+
+def test_3072_bit_key_and_64_bit_ring() -> None:
+    inputs = np.random.default_rng(5).uniform(-1, 1, size=(5, 40))
+    result = run_round(inputs, 3, {1: "relay"}, mode="hybrid", modulus_bits=64,
+                       paillier_key_bits=3072)
+    assert result.status == "ok", result.reason
+    assert result.aggregate is not None
+    error = np.abs(result.aggregate - inputs[result.contributors].sum(axis=0))
+    assert error.max() < quantizer_bound(5, 40, modulus_bits=64)
+
+
+def test_paillier_mode_rejects_the_sparse_graph() -> None:
+    with pytest.raises(ValueError, match="no neighbour graph"):
+        ServerConfig(session=bytes(SESSION_BYTES), round=0, min_peers=10, threshold=6, dim=3,
+                     graph="sparse", mode="paillier")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ServerConfig(session=bytes(SESSION_BYTES), round=0, min_peers=10, threshold=6, dim=3,
+                     mode="plaintext")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# What each mode protects against: a server colluding with one relay
+
+
+class _Tap(Network):
+    """A network that records every partial sum sent up the tree and can replace the
+    payload one chosen peer sends (a peer that holds valid channel keys but lies)."""
+
+    def __init__(self, *args: Any, forger: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.partial_sums: list[tuple[str, Send]] = []
+        self.forger = forger
+
+    def _send(self, sender: str, action: Send) -> None:
+        if action.envelope.type == EncryptedPartialSum.TYPE:
+            if self.forger == "first leaf" and not self.peers[sender]._expected:
+                self.forger = sender
+            if sender == self.forger:
+                action = self._forge(sender, action)
+            self.partial_sums.append((sender, action))
+        super()._send(sender, action)
+
+    def _forge(self, sender: str, action: Send) -> Send:
+        peer = self.peers[sender]
+        target = peer._index_of[action.recipient]
+        # Values >= n^2 are not ciphertexts: the relay must refuse the frame.
+        codec = peer._payloads
+        assert isinstance(codec, CiphertextPayloads)
+        forged = encode_record(PaillierPartialSum(
+            ciphertexts=b"\xff" * (codec.count * codec.layout.ciphertext_bytes),
+            contributors=[peer.index]))
+        sealed = seal(peer._channel_key(target), forged,
+                      associated(peer.session, peer.round, PARTIAL_SUM, peer.index, target))
+        return replace(action, envelope=replace(action.envelope,
+                                                body=EncryptedPartialSum(ciphertext=sealed)))
+
+
+def _run_tapped(mode: str, keys: PaillierKeyPair, inputs: np.ndarray, *, scale: float,
+                forger: str = "") -> tuple[_Tap, ServerProtocol]:
+    n, d = inputs.shape
+    session = bytes(range(SESSION_BYTES))
+    config = ServerConfig(session=session, round=0, min_peers=n, threshold=n // 2 + 1, dim=d,
+                          scale=scale, fan_in=2, mode=mode,  # type: ignore[arg-type]
+                          phase_timeout=5.0)
+    server = ServerProtocol(config, paillier_keys=keys)
+    peers = {peer_name(i): PeerProtocol(peer_name(i)) for i in range(n)}
+    network = _Tap(server, peers, {}, encode_frames=True, forger=forger)
+    network.apply(SERVER, server.start())
+    for i, name in enumerate(peers):
+        network.apply(name, peers[name].start(session, 0, inputs[i]))
+    network.run()
+    return network, server
+
+
+@pytest.mark.parametrize("mode", ["paillier", "hybrid"])
+def test_server_colluding_with_a_relay(mode: str, keys: PaillierKeyPair) -> None:
+    """The colluding relay opens what its children sent it (it holds the channel keys)
+    and hands the payloads to the server, which decrypts them. In paillier mode that
+    exposes a leaf's input (the documented weakness); in hybrid mode it is masked."""
+    scale = 2.0 ** 20
+    inputs = np.round(np.random.default_rng(6).uniform(-1, 1, size=(9, 4)) * scale) / scale
+    network, server = _run_tapped(mode, keys, inputs, scale=scale)
+    assert server.outcome is not None and server.outcome.status == "ok"
+    leaves = 0
+    for sender_name, action in network.partial_sums:
+        sender, relay = network.peers[sender_name], network.peers[action.recipient]
+        plaintext = open_sealed(relay._channel_key(sender.index),
+                                action.envelope.body.ciphertext,  # type: ignore[attr-defined]
+                                associated(sender.session, 0, PARTIAL_SUM, sender.index,
+                                           relay.index))
+        codec = relay._payloads
+        assert isinstance(codec, CiphertextPayloads)
+        partial = codec.decode_partial(plaintext, relay.limits())
+        if partial.contributors != (sender.index,):
+            continue  # a relay's sum: the leaves are what matters here
+        leaves += 1
+        ring = decrypt_vector(keys.private, partial.payload, codec.layout, 4, np.uint32)
+        seen = server.encoder.quantizer.decode(ring)
+        if mode == "paillier":
+            np.testing.assert_array_equal(seen, inputs[sender.index])
+        else:
+            assert not np.allclose(seen, inputs[sender.index], atol=1e-3)
+    assert leaves > 0
+
+
+@pytest.mark.parametrize("mode", ["paillier", "hybrid"])
+def test_forged_ciphertexts_are_rejected_and_the_round_finishes(
+        mode: str, keys: PaillierKeyPair) -> None:
+    """A peer with valid channel keys sends values that are not ciphertexts: its relay
+    refuses the frame with a logged reason, and the round ends with the exact sum of
+    the others."""
+    scale = 2.0 ** 20
+    inputs = np.round(np.random.default_rng(8).uniform(-1, 1, size=(9, 4)) * scale) / scale
+    network, server = _run_tapped(mode, keys, inputs, scale=scale, forger="first leaf")
+    forger = network.forger
+    assert any(forger in r and "ciphertext" in r.lower() for r in network.rejections), \
+        network.rejections
+    outcome = server.outcome
+    assert outcome is not None and outcome.status == "ok", outcome
+    assert forger not in outcome.contributors
+    contributors = [int(name.split("-")[1]) for name in outcome.contributors]
+    assert outcome.aggregate is not None
+    np.testing.assert_array_equal(outcome.aggregate, inputs[contributors].sum(axis=0))
+
+
+# --------------------------------------------------------------------------
+# Bad input
+
+
+def _roster_for(peer: PeerProtocol, session: bytes, mode: str, key: bytes) -> Envelope:
+    started = peer.start(session, 0, np.zeros(3))
+    keys = started[0]
+    assert isinstance(keys, Send)
+    body = keys.envelope.body
+    entry = PeerEntry(index=0, name=peer.name, address="", channel_key=body.channel_key,  # type: ignore[attr-defined]
+                      mask_key=body.mask_key)  # type: ignore[attr-defined]
+    return Envelope(session=session, round=0, sender="server", body=Roster(
+        your_index=0, size=3, threshold=2, dim=3, modulus_bits=32, clip=1.0, scale=1024.0,
+        weighted=False, max_weight=1.0, threat_model="honest-but-curious",
+        graph_kind="complete", graph_seed=bytes(32), degree=3, share_threshold=2, fan_in=8,
+        phase_timeout=5.0, neighbours=[entry], mode=mode, paillier_key=key))
+
+
+def test_peer_requiring_hybrid_refuses_a_paillier_round(keys: PaillierKeyPair) -> None:
+    peer = PeerProtocol("peer-a", mode="hybrid")
+    session = bytes(SESSION_BYTES)
+    actions = peer.handle(MessageReceived(_roster_for(peer, session, "paillier",
+                                                      public_key_bytes(keys.public))))
+    assert peer.finished and peer.outcome is not None
+    assert peer.outcome.status == "aborted"
+    assert "only in hybrid mode" in peer.outcome.reason
+    assert any(isinstance(a, RoundFinished) for a in actions)
+
+
+def test_peer_takes_part_in_a_paillier_round_without_sharing(keys: PaillierKeyPair) -> None:
+    peer = PeerProtocol("peer-a")
+    session = bytes(SESSION_BYTES)
+    actions = peer.handle(MessageReceived(_roster_for(peer, session, "paillier",
+                                                      public_key_bytes(keys.public))))
+    assert peer.mode == "paillier" and not peer.finished
+    assert not any(isinstance(a, Send) and isinstance(a.envelope.body, EncryptedShares)
+                   for a in actions)
+
+
+@pytest.mark.parametrize("key", [b"", b"\x01" * 256, b"\xff" * 100])
+def test_peer_aborts_on_an_unusable_paillier_key(key: bytes) -> None:
+    peer = PeerProtocol("peer-a")
+    peer.handle(MessageReceived(_roster_for(peer, bytes(SESSION_BYTES), "paillier", key)))
+    assert peer.finished and peer.outcome is not None
+    assert "Paillier" in peer.outcome.reason
+
+
+def test_masking_roster_with_a_paillier_key_is_refused(keys: PaillierKeyPair) -> None:
+    peer = PeerProtocol("peer-a")
+    roster = _roster_for(peer, bytes(SESSION_BYTES), "masking", public_key_bytes(keys.public))
+    with pytest.raises(ProtocolError):
+        peer.handle(MessageReceived(roster))
+
+
+def test_unknown_mode_in_a_roster_is_a_protocol_error(keys: PaillierKeyPair) -> None:
+    peer = PeerProtocol("peer-a")
+    with pytest.raises(ProtocolError, match="unknown mode"):
+        peer.handle(MessageReceived(_roster_for(peer, bytes(SESSION_BYTES), "rot13", b"")))
+
+
+def test_server_refuses_an_aggregate_of_the_wrong_kind(keys: PaillierKeyPair) -> None:
+    """A plaintext vector in a paillier round, and ciphertexts in a masking round, are
+    dropped as bad messages; the round goes on (and here aborts cleanly)."""
+    for mode, body in (("paillier", RootAggregate(vector=np.zeros(3, np.uint32),
+                                                  contributors=[0, 1, 2])),
+                       ("masking", PaillierRootAggregate(ciphertexts=b"\x01" * 512,
+                                                         contributors=[0, 1, 2]))):
+        session = bytes(SESSION_BYTES)
+        config = ServerConfig(session=session, round=0, min_peers=3, threshold=2, dim=3,
+                              mode=mode)  # type: ignore[arg-type]
+        server = ServerProtocol(config, paillier_keys=keys)
+        peers = [PeerProtocol(f"p{i}") for i in range(3)]
+        server.start()
+        for peer in peers:
+            for action in peer.start(session, 0, np.zeros(3)):
+                assert isinstance(action, Send)
+                server.handle(MessageReceived(action.envelope))
+        root = server.names[server._root] if server._root >= 0 else "p0"
+        with pytest.raises(ProtocolError):
+            server.handle(MessageReceived(Envelope(session=session, round=0, sender=root,
+                                                   body=body)))
+
+
+def test_ciphertext_block_of_the_wrong_size_is_a_wire_error() -> None:
+    layout = slot_layout(key_bits=2048, modulus_bits=32, peers=10)
+    limits = round_limits(peers=10, dim=100, modulus_bits=32, layout=layout)
+    assert limits.ciphertext_bytes == layout.ciphertext_count(100) * 512
+    env = Envelope(session=bytes(SESSION_BYTES), round=0, sender="p0",
+                   body=PaillierRootAggregate(ciphertexts=b"\x01" * 511, contributors=[0]))
+    with pytest.raises(WireError, match="ciphertexts"):
+        decode(encode(env), limits)
+    good = replace(env, body=PaillierRootAggregate(
+        ciphertexts=b"\x01" * limits.ciphertext_bytes, contributors=[0]))
+    assert decode(encode(good), limits).body == good.body
+
+
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 2**16))
+def test_same_seed_same_paillier_round(seed: int) -> None:
+    inputs = np.random.default_rng(seed).uniform(-1, 1, size=(6, 3))
+    keys = module_keys()
+    first = run_round(inputs, 4, {2: "relay"}, seed=seed, mode="paillier", paillier_keys=keys)
+    second = run_round(inputs, 4, {2: "relay"}, seed=seed, mode="paillier", paillier_keys=keys)
+    assert first.status == second.status
+    assert first.contributors == second.contributors
+    if first.aggregate is not None:
+        np.testing.assert_array_equal(first.aggregate, second.aggregate)
+    assert first.stats["server_bytes_in"] == second.stats["server_bytes_in"]
