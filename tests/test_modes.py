@@ -29,7 +29,14 @@ from test_sim import (
 from secagg.crypto.aead import open_sealed, seal
 from secagg.errors import ProtocolError, WireError
 from secagg.paillier import PaillierKeyPair, decrypt_vector, generate_keypair, public_key_bytes
-from secagg.protocol import MessageReceived, PeerProtocol, RoundFinished, Send, ServerConfig
+from secagg.protocol import (
+    MessageReceived,
+    PeerProtocol,
+    RoundFinished,
+    Send,
+    ServerConfig,
+    TimerExpired,
+)
 from secagg.protocol.common import PARTIAL_SUM, associated, round_limits, slot_layout
 from secagg.protocol.payload import CiphertextPayloads
 from secagg.protocol.server import ServerProtocol
@@ -425,3 +432,25 @@ def test_same_seed_same_paillier_round(seed: int) -> None:
     if first.aggregate is not None:
         np.testing.assert_array_equal(first.aggregate, second.aggregate)
     assert first.stats["server_bytes_in"] == second.stats["server_bytes_in"]
+
+
+def test_slots_follow_the_roster_when_fewer_peers_register(keys: PaillierKeyPair) -> None:
+    """129 expected peers need 48-bit slots, 128 fit in 40: when registration closes on
+    its deadline with 128, server and peers must agree on the narrower layout."""
+    session = bytes(SESSION_BYTES)
+    config = ServerConfig(session=session, round=0, min_peers=129, threshold=65, dim=100,
+                          mode="hybrid")
+    server = ServerProtocol(config, paillier_keys=keys)
+    assert server.slot_layout is not None and server.slot_layout.slot_bits == 48
+    server.start()
+    for i in range(128):
+        for action in PeerProtocol(f"p{i:03d}").start(session, 0, np.zeros(100)):
+            assert isinstance(action, Send)
+            server.handle(MessageReceived(action.envelope))
+    actions = server.handle(TimerExpired("phase"))
+    rosters = [a.envelope.body for a in actions
+               if isinstance(a, Send) and isinstance(a.envelope.body, Roster)]
+    assert len(rosters) == 128 and rosters[0].size == 128
+    peer_layout = slot_layout(key_bits=2048, modulus_bits=32, peers=rosters[0].size)
+    assert server.slot_layout == peer_layout and peer_layout.slot_bits == 40
+    assert server.limits().ciphertext_bytes == peer_layout.ciphertext_count(100) * 512

@@ -227,7 +227,8 @@ class ServerProtocol:
         a fresh one of ``config.paillier_key_bits`` is generated if it is not given."""
         self.config = config
         self.encoder = config.encoder()  # fails early if the encoding cannot fit
-        self.slot_layout = config.slot_layout()  # likewise for the packing of ciphertexts
+        # Checked now, for min_peers; fixed for the roster's n when registration closes.
+        self.slot_layout = config.slot_layout()
         self._paillier_keys: PaillierKeyPair | None = None
         if self.slot_layout is not None:
             self._paillier_keys = paillier_keys or generate_keypair(config.paillier_key_bits)
@@ -394,6 +395,10 @@ class ServerProtocol:
         paillier_key = b""
         if self._paillier_keys is not None:
             paillier_key = public_key_bytes(self._paillier_keys.public)
+            # Peers size their slots for the roster's n, which may be below min_peers
+            # when registration closed on its deadline: pack and unpack alike.
+            self.slot_layout = slot_layout(key_bits=self.config.paillier_key_bits,
+                                           modulus_bits=q.modulus_bits, peers=n)
         actions: list[Action] = [SetTimer(PHASE_TIMER, self.config.phase_timeout)]
         for u in range(n):
             # In paillier mode nobody needs anyone's keys until the tree is known.
