@@ -28,6 +28,15 @@ semantics are in :func:`secagg.sim.run_round`):
 ``consistency_check`` is accepted as a synonym of ``unmasking``: under the
 honest-but-curious threat model used here there is no R3.
 
+Modes (``mode=``, see :data:`MODES`): ``masking`` (the default) and ``hybrid``
+(masked vectors, Paillier-encrypted) run every phase above. ``paillier`` (inputs
+Paillier-encrypted under the server's key, complete graph only) has no share
+exchange and no unmasking: a ``share_keys`` peer dies when the roster arrives, so
+it never contributes (websockets: crashed on entering ``reported``, like
+``masked_input``; the simulator kills it on the roster), and ``unmasking`` /
+``consistency_check`` peers are never killed: they contribute normally (see
+:func:`phase_applies`).
+
 Exactness: the aggregate is exact when it differs from
 ``inputs[contributors].sum(axis=0)`` by at most ``n / scale`` per coordinate
 (``scale`` as chosen by the encoder for ``n`` peers; see ``secagg.sim``).
@@ -49,8 +58,9 @@ import numpy as np
 from peers import Peer
 from secagg import sim
 from secagg.graph import GraphKind
+from secagg.paillier import PaillierKeyPair
 from secagg.protocol import PeerOutcome
-from secagg.protocol.common import Encoder
+from secagg.protocol.common import MODES, Encoder, Mode
 from secagg.sim import PHASES, peer_name, run_round
 from secagg.wire import SERVER
 from server import Coordinator
@@ -58,13 +68,18 @@ from server import Coordinator
 log = logging.getLogger("scenarios")
 
 __all__ = [
+    "MODES",
     "PHASES",
     "STUDY_PHASES",
+    "Mode",
     "RoundReport",
     "check_exact",
+    "check_mode",
     "default_threshold",
+    "inapplicable_phases",
     "make_inputs",
     "normalize_phase",
+    "phase_applies",
     "run_network_rounds",
     "run_sim_round",
     "tolerance",
@@ -77,6 +92,11 @@ STUDY_PHASES: tuple[str, ...] = ("share_keys", "masked_input", "relay", "unmaski
 _NO_INPUT_PHASES = frozenset({"advertise_keys", "share_keys", "masked_input"})
 # Peer state (from the progress callback) on entering which a scripted peer is crashed.
 _PEER_TRIGGER = {"share_keys": "sharing", "masked_input": "reported", "relay": "masking"}
+# In paillier mode a share_keys peer dies on the roster, i.e. when it enters "reported".
+_PAILLIER_TRIGGER = {**_PEER_TRIGGER, "share_keys": "reported"}
+# Phases that have no protocol phase of their own in a mode: their peers are never killed.
+_INAPPLICABLE: dict[str, frozenset[str]] = {
+    "paillier": frozenset({"consistency_check", "unmasking"})}
 # Stats copied from the server's outcome into a report, when present.
 _STAT_KEYS = ("registered", "graph", "degree", "share_threshold", "u1", "u2", "u3", "u4",
               "tree_depth", "root", "new_root")
@@ -87,6 +107,32 @@ def normalize_phase(phase: str) -> str:
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
     return "unmasking" if phase == "consistency_check" else phase
+
+
+def check_mode(mode: str, graph: str = "complete") -> Mode:
+    """``mode`` as a :data:`Mode`; ValueError (one line) for an unknown mode or a
+    paillier round on a sparse graph."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
+    if mode == "paillier" and graph != "complete":
+        raise ValueError(f'paillier mode needs the complete graph, not {graph!r} (it has no '
+                         f'masks and so no neighbour graph)')
+    return mode
+
+
+def phase_applies(phase: str, mode: str) -> bool:
+    """Whether a peer scripted to drop at ``phase`` is killed at all in ``mode``.
+
+    In paillier mode there is no unmasking (nor R3): ``unmasking`` and
+    ``consistency_check`` peers contribute normally. A ``share_keys`` peer still
+    dies (when the roster arrives), so that phase applies.
+    """
+    return phase not in _INAPPLICABLE.get(mode, frozenset())
+
+
+def inapplicable_phases(mode: str) -> tuple[str, ...]:
+    """The phases, in :data:`PHASES` order, whose peers ``mode`` never kills."""
+    return tuple(phase for phase in PHASES if not phase_applies(phase, mode))
 
 
 def default_threshold(n: int) -> int:
@@ -128,6 +174,7 @@ class RoundReport:
 
     transport: str
     round: int
+    mode: str
     n: int
     dim: int
     threshold: int
@@ -171,6 +218,7 @@ def _stats_subset(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _unexpected(contributors: Sequence[int], scheduled: Mapping[int, str]) -> list[int]:
+    # share_keys peers never contribute in any mode (in paillier mode they die on the roster).
     return sorted(u for u in contributors if scheduled.get(u) in _NO_INPUT_PHASES)
 
 
@@ -201,14 +249,21 @@ class _RecordingNetwork(sim.Network):
 
 def run_sim_round(inputs: np.ndarray, threshold: int, drops: Mapping[int, str], *,
                   graph: GraphKind = "complete", seed: int = 0, fan_in: int = 8,
-                  phase_timeout: float = 10.0, round_number: int = 0) -> RoundReport:
-    """One round in :mod:`secagg.sim` with ``drops`` (peer index -> phase)."""
+                  phase_timeout: float = 10.0, round_number: int = 0,
+                  mode: Mode = "masking",
+                  paillier_keys: PaillierKeyPair | None = None) -> RoundReport:
+    """One round in :mod:`secagg.sim` with ``drops`` (peer index -> phase).
+
+    ``paillier_keys`` (paillier and hybrid modes) saves generating a key pair.
+    """
     n, dim = inputs.shape
+    mode = check_mode(mode, graph)
     scheduled = {int(u): normalize_phase(phase) for u, phase in sorted(drops.items())}
     with mock.patch.object(sim, "Network", _RecordingNetwork):
         _RecordingNetwork.last = None
         result = run_round(inputs, threshold=threshold, dropouts=scheduled, graph=graph,
-                           seed=seed, fan_in=fan_in, phase_timeout=phase_timeout)
+                           seed=seed, fan_in=fan_in, phase_timeout=phase_timeout, mode=mode,
+                           paillier_keys=paillier_keys if mode != "masking" else None)
     network = _RecordingNetwork.take()
     # secagg.sim's own "max_peer_bytes_sent" is the maximum over every sender,
     # the server included, so it reports the server's output (see _RecordingNetwork).
@@ -226,7 +281,7 @@ def run_sim_round(inputs: np.ndarray, threshold: int, drops: Mapping[int, str], 
                  events=result.stats.get("events"), server_bytes_out=server_out,
                  sim_reported_max_peer_bytes_sent=reported_max)
     return RoundReport(
-        transport="sim", round=round_number, n=n, dim=dim, threshold=threshold,
+        transport="sim", round=round_number, mode=mode, n=n, dim=dim, threshold=threshold,
         status=result.status, reason=result.reason, contributors=list(result.contributors),
         dropped=dict(result.dropped), scheduled=scheduled, killed=None, exact=exact,
         max_error=error, tolerance=tol, wall_seconds=float(result.stats["wall_seconds"]),
@@ -252,25 +307,29 @@ def run_network_rounds(inputs: Sequence[np.ndarray], threshold: int,
                        drops: Sequence[Mapping[int, str]], *, graph: GraphKind = "complete",
                        fan_in: int = 3, phase_timeout: float = 5.0,
                        relay_kills: Sequence[int] | None = None,
-                       round_timeout: float | None = None) -> list[RoundReport]:
+                       round_timeout: float | None = None,
+                       mode: Mode = "masking") -> list[RoundReport]:
     """Run ``len(inputs)`` rounds over websockets on 127.0.0.1 in a fresh event loop.
 
     ``inputs[r]`` is round r's (n, dim) array, ``drops[r]`` its drop script (peer
     index -> phase), ``relay_kills[r]`` how many further relays to kill in R2.
-    One coordinator serves every round; a peer crashed in a round is replaced by a
-    fresh one (same id, new keys) for the next.
+    One coordinator serves every round (in ``mode``; the peers follow it); a peer
+    crashed in a round is replaced by a fresh one (same id, new keys) for the next.
     """
     return asyncio.run(run_network_rounds_async(
         inputs, threshold, drops, graph=graph, fan_in=fan_in, phase_timeout=phase_timeout,
-        relay_kills=relay_kills, round_timeout=round_timeout))
+        relay_kills=relay_kills, round_timeout=round_timeout, mode=mode))
 
 
 async def run_network_rounds_async(
     inputs: Sequence[np.ndarray], threshold: int, drops: Sequence[Mapping[int, str]], *,
     graph: GraphKind = "complete", fan_in: int = 3, phase_timeout: float = 5.0,
     relay_kills: Sequence[int] | None = None, round_timeout: float | None = None,
+    mode: Mode = "masking",
 ) -> list[RoundReport]:
     """The coroutine behind :func:`run_network_rounds`."""
+    mode = check_mode(mode, graph)
+    triggers = _PAILLIER_TRIGGER if mode == "paillier" else _PEER_TRIGGER
     if not inputs:
         return []
     if len(drops) != len(inputs):
@@ -281,6 +340,7 @@ async def run_network_rounds_async(
     loop = asyncio.get_running_loop()
     peers: list[Peer | None] = [None] * n
     plan = _KillPlan(drops={}, relay_kills=0)
+    pending: set[asyncio.Task[None]] = set()  # delayed crashes (see crash_after_send)
     # Time enough for every phase deadline plus re-routing, then some.
     limit = round_timeout if round_timeout is not None else 8 * phase_timeout + 30.0
 
@@ -291,6 +351,29 @@ async def run_network_rounds_async(
         peer = peers[i]
         if peer is not None:
             loop.call_soon(peer.crash)
+
+    def crash_after_send(i: int, why: str) -> None:
+        """Crash peer i once its queued frame has left (bytes_sent grows).
+
+        A leaf's partial sum may need a new connection to its parent first (always in
+        paillier mode, where no R1 exchange opened one): crashing at once would kill it
+        with the sum still queued.
+        """
+        peer = peers[i]
+        if i in plan.killed or peer is None:
+            return
+        plan.killed[i] = why
+        before = peer.bytes_sent
+
+        async def wait_then_crash() -> None:
+            deadline = loop.time() + phase_timeout
+            while peer.bytes_sent == before and loop.time() < deadline:
+                await asyncio.sleep(0.002)
+            peer.crash()
+
+        task = loop.create_task(wait_then_crash())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
     def on_coordinator_phase(phase: str, round_number: int) -> None:
         if phase == "unmasking":
@@ -305,10 +388,10 @@ async def run_network_rounds_async(
             scripted = plan.drops.get(i)
             if state == "masking":
                 plan.masking_seen.add(i)
-            if scripted is not None and _PEER_TRIGGER.get(scripted) == state:
+            if scripted is not None and triggers.get(scripted) == state:
                 crash(i, scripted)
             elif scripted == "relay" and state == "forwarded" and i not in plan.masking_seen:
-                crash(i, "relay: was a leaf, crashed after its sum left")
+                crash_after_send(i, "relay: was a leaf, crashed after its sum left")
             elif scripted is None and state == "masking" and plan.relay_kills > 0:
                 plan.relay_kills -= 1
                 crash(i, "relay")
@@ -318,7 +401,7 @@ async def run_network_rounds_async(
     replace: set[int] = set()  # peers that cannot take part again (no server link)
     tol = tolerance(n, dim)
     async with Coordinator(min_peers=n, threshold=threshold, dim=dim, graph=graph,
-                           fan_in=fan_in, phase_timeout=phase_timeout,
+                           fan_in=fan_in, phase_timeout=phase_timeout, mode=mode,
                            progress=on_coordinator_phase) as coordinator:
         try:
             for r, (x, script) in enumerate(zip(inputs, drops, strict=True)):
@@ -397,7 +480,8 @@ async def run_network_rounds_async(
                 stats.update(phase_seconds=result.stats.get("phase_seconds", {}),
                              server_bytes_out=result.stats.get("bytes_out", 0))
                 reports.append(RoundReport(
-                    transport="websockets", round=r, n=n, dim=dim, threshold=threshold,
+                    transport="websockets", round=r, mode=mode, n=n, dim=dim,
+                    threshold=threshold,
                     status=result.outcome.status, reason=result.outcome.reason,
                     contributors=contributors, dropped=dropped, scheduled=scheduled,
                     killed=dict(sorted(plan.killed.items())), exact=exact, max_error=error,
@@ -405,6 +489,8 @@ async def run_network_rounds_async(
                     server_bytes_in=int(result.stats.get("bytes_in", 0)), stats=stats,
                     unexpected_contributors=_unexpected(contributors, scheduled)))
         finally:
+            for task in list(pending):
+                task.cancel()
             for leftover in peers:
                 if leftover is not None:
                     with contextlib.suppress(Exception):

@@ -7,6 +7,12 @@ exchange, before sending the masked input, as a relay holding its children's
 sums, and during unmasking. The demo prints the aggregate next to the exact
 plaintext sum of the contributors, and why each dropped peer was dropped.
 ``--sim`` runs the same scenario in the in-memory simulator instead.
+
+``--mode`` picks how inputs are protected: ``masking`` (the default), ``paillier``
+(Paillier-encrypted under the coordinator's key, no share exchange and no
+unmasking) or ``hybrid`` (masked, then Paillier-encrypted). In paillier mode the
+kills scripted for the share exchange and for unmasking cannot happen: the demo
+says so and those two peers contribute normally.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 
 from peers import Peer
 from secagg.protocol import PeerOutcome
+from secagg.protocol.common import MODES, Mode
 from secagg.sim import run_round
 from server import Coordinator
 
@@ -33,6 +40,29 @@ PHASE_NAMES = {"sharing": "during the share exchange",
                "reported": "before sending its masked input",
                "masking": "as a relay holding its children's sums",
                "unmasking": "during unmasking"}
+# The simulator's dropout phase for each scripted kill, by peer index.
+SIM_DROPOUTS = {1: "share_keys", 2: "masked_input", 3: "relay", UNMASKING_VICTIM: "unmasking"}
+# Modes without a phase of their own for some kills: paillier has no share
+# exchange (R1) and no unmasking (R4).
+MISSING_PHASES: dict[str, frozenset[str]] = {"paillier": frozenset({"sharing", "unmasking"})}
+
+
+def inapplicable_kills(mode: str) -> dict[int, str]:
+    """Peer index -> scripted kill state that ``mode`` never reaches."""
+    missing = MISSING_PHASES.get(mode, frozenset())
+    scripted = {**KILLS, UNMASKING_VICTIM: "unmasking"}
+    return {i: state for i, state in sorted(scripted.items()) if state in missing}
+
+
+def _announce_inapplicable(mode: str, names: list[str]) -> dict[int, str]:
+    skipped = inapplicable_kills(mode)
+    if skipped:
+        what = " and ".join(f"{names[i]} ({PHASE_NAMES[state]})"
+                            for i, state in skipped.items())
+        print(f"{mode} mode has no share exchange and no unmasking: the scripted kills of "
+              f"{what} do not apply; {'both contribute' if len(skipped) > 1 else 'it contributes'}"
+              " normally")
+    return skipped
 
 
 def _print_result(inputs: np.ndarray, names: list[str], aggregate: np.ndarray | None,
@@ -54,29 +84,33 @@ def _print_result(inputs: np.ndarray, names: list[str], aggregate: np.ndarray | 
     return 0 if error < 1e-4 else 1
 
 
-async def run_network(n: int, dim: int, seed: int) -> int:
+async def run_network(n: int, dim: int, seed: int, mode: Mode = "masking") -> int:
     rng = np.random.default_rng(seed)
     inputs = rng.uniform(-1.0, 1.0, size=(n, dim))
     names = [f"peer-{i:02d}" for i in range(n)]
     threshold = n // 2 + 1
     peers: list[Peer] = []
+    skipped = inapplicable_kills(mode)
+    kills = {i: state for i, state in KILLS.items() if i not in skipped}
 
     def on_phase(phase: str, round_number: int) -> None:
-        if phase == "unmasking":
+        if phase == "unmasking" and UNMASKING_VICTIM not in skipped:
             print(f"  killing {names[UNMASKING_VICTIM]} {PHASE_NAMES['unmasking']}")
             peers[UNMASKING_VICTIM].crash()
 
     async with Coordinator(min_peers=n, threshold=threshold, dim=dim, fan_in=2,
-                           phase_timeout=10.0, progress=on_phase) as coordinator:
+                           phase_timeout=10.0, progress=on_phase,
+                           mode=mode) as coordinator:
         print(f"coordinator on {coordinator.url}: {n} peers, {dim} coordinates, "
-              f"threshold {threshold}, accumulation tree fan-in 2")
+              f"threshold {threshold}, accumulation tree fan-in 2, {mode} mode")
+        _announce_inapplicable(mode, names)
         killed: set[int] = set()
         killed_relay: set[str] = set()
         loop = asyncio.get_running_loop()
 
         def make_progress(i: int):  # type: ignore[no-untyped-def]
             def progress(state: str, round_number: int) -> None:
-                target = KILLS.get(i)
+                target = kills.get(i)
                 hit = state == target
                 if state == "masking" and i not in KILLS and i != UNMASKING_VICTIM and \
                         "relay" not in killed_relay:
@@ -111,13 +145,18 @@ async def run_network(n: int, dim: int, seed: int) -> int:
                          dict(outcome.dropped), outcome.status, outcome.reason)
 
 
-def run_simulated(n: int, dim: int, seed: int) -> int:
+def run_simulated(n: int, dim: int, seed: int, mode: Mode = "masking") -> int:
     rng = np.random.default_rng(seed)
     inputs = rng.uniform(-1.0, 1.0, size=(n, dim))
     names = [f"peer-{i:05d}" for i in range(n)]
-    dropouts = {1: "share_keys", 2: "masked_input", 3: "relay", 4: "unmasking"}
-    print(f"simulated round: {n} peers, {dim} coordinates, threshold {n // 2 + 1}")
-    result = run_round(inputs, threshold=n // 2 + 1, dropouts=dropouts, seed=seed, fan_in=2)
+    print(f"simulated round: {n} peers, {dim} coordinates, threshold {n // 2 + 1}, "
+          f"{mode} mode")
+    # The simulator would still kill a "share_keys" peer in paillier mode (when the
+    # roster arrives); the demo skips the same kills on both transports instead.
+    skipped = _announce_inapplicable(mode, names)
+    dropouts = {i: phase for i, phase in SIM_DROPOUTS.items() if i not in skipped}
+    result = run_round(inputs, threshold=n // 2 + 1, dropouts=dropouts, seed=seed, fan_in=2,
+                       mode=mode)
     return _print_result(inputs, names, result.aggregate,
                          [names[i] for i in result.contributors],
                          {names[i]: why for i, why in result.dropped.items()},
@@ -130,15 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=6)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sim", action="store_true", help="use the in-memory simulator")
+    parser.add_argument("--mode", choices=MODES, default="masking",
+                        help="how inputs are protected (default masking)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every protocol step to stderr")
     args = parser.parse_args(argv)
     if args.peers < 9:
         parser.error("--peers must be at least 9 (four of them are killed)")
     if args.dim < 1:
         parser.error("--dim must be positive")
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(name)s %(levelname)s %(message)s")
     if args.sim:
-        return run_simulated(args.peers, args.dim, args.seed)
-    return asyncio.run(run_network(args.peers, args.dim, args.seed))
+        return run_simulated(args.peers, args.dim, args.seed, args.mode)
+    return asyncio.run(run_network(args.peers, args.dim, args.seed, args.mode))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,15 @@ Transports:
   many), ``unmasking`` when the coordinator enters ``unmasking``. Cells that must
   wait for a deadline take ``--phase-timeout`` seconds longer.
 
+Modes (``--mode``): ``masking`` (default), ``hybrid`` (masked vectors, also
+Paillier-encrypted; the same phases) and ``paillier`` (inputs Paillier-encrypted
+under the server's key; complete graph only). Paillier rounds have no share
+exchange and no unmasking: ``share_keys`` peers die when the roster arrives (they
+never contribute) and ``unmasking`` / ``consistency_check`` peers are not killed
+at all; the study says so, and counts only the drops that happen ("effective")
+when it predicts ok or abort. Encryption costs tens of milliseconds per peer and
+round: keep n and dim small in the paillier and hybrid modes.
+
 Every run records: status (ok / aborted / error), whether the aggregate is exact
 (max abs error against ``inputs[contributors].sum(0)`` within ``n / scale``), wall
 time, bytes (most sent by one peer; received by the server), and the set sizes.
@@ -35,6 +44,7 @@ run failed with an error; aborted rounds are outcomes, not failures.
     python -m scenarios.dropouts                         # sim: n = 20, 50, 100
     python -m scenarios.dropouts --transport websockets  # n = 10, 20, 30 on loopback
     python -m scenarios.dropouts --quick                 # a few seconds
+    python -m scenarios.dropouts --quick --mode hybrid   # (smallest n only)
 """
 
 from __future__ import annotations
@@ -62,9 +72,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from scenarios.common import (
+    MODES,
     STUDY_PHASES,
+    Mode,
+    check_mode,
     default_threshold,
+    inapplicable_phases,
     make_inputs,
+    phase_applies,
     run_network_rounds,
     run_sim_round,
 )
@@ -104,6 +119,7 @@ class Job:
     dim: int
     fan_in: int
     phase_timeout: float
+    mode: str = "masking"
 
     @property
     def drops(self) -> int:
@@ -151,19 +167,22 @@ def run_job(job: Job) -> dict[str, Any]:
 def _run_job(job: Job) -> dict[str, Any]:
     script, relay_kills = schedule(job)
     inputs = make_inputs(job.n, job.dim, job.seed)
+    effective = relay_kills + sum(phase_applies(p, job.mode) for p in script.values())
     record: dict[str, Any] = {**asdict(job), "drops": job.drops, "threshold": job.threshold,
-                              "relay_kills": relay_kills}
+                              "relay_kills": relay_kills, "effective_drops": effective,
+                              "expected": _expected(job.n, effective, job.threshold)}
     graph = cast(GraphKind, job.graph)
+    mode = cast(Mode, job.mode)
     started = time.perf_counter()
     try:
         if job.transport == "sim":
             report = run_sim_round(inputs, job.threshold, script, graph=graph,
                                    seed=job.seed, fan_in=job.fan_in,
-                                   phase_timeout=job.phase_timeout)
+                                   phase_timeout=job.phase_timeout, mode=mode)
         else:
             report = run_network_rounds([inputs], job.threshold, [script], graph=graph,
                                         fan_in=job.fan_in, phase_timeout=job.phase_timeout,
-                                        relay_kills=[relay_kills])[0]
+                                        relay_kills=[relay_kills], mode=mode)[0]
         record.update(report.to_json())
     except Exception as exc:  # recorded, the sweep goes on
         record.update(status="error", reason=f"{type(exc).__name__}: {exc}",
@@ -176,9 +195,14 @@ def _run_job(job: Job) -> dict[str, Any]:
 # ------------------------------------------------------------------- sweep
 
 
+def _expected(n: int, drops: int, threshold: int) -> str:
+    """"ok" when enough peers survive the drops to reach the threshold, else "abort"."""
+    return "ok" if n - drops >= threshold else "abort"
+
+
 def make_jobs(transport: str, peers: Sequence[int], rates: Sequence[float],
               phases: Sequence[str], seeds: int, graph: str, dim: int, fan_in: int,
-              phase_timeout: float) -> list[Job]:
+              phase_timeout: float, mode: str = "masking") -> list[Job]:
     jobs: list[Job] = []
     for n in peers:
         for rate in rates:
@@ -187,7 +211,7 @@ def make_jobs(transport: str, peers: Sequence[int], rates: Sequence[float],
                 for seed in range(seeds):
                     jobs.append(Job(transport=transport, n=n, rate=rate, phase=phase,
                                     seed=seed, graph=graph, dim=dim, fan_in=fan_in,
-                                    phase_timeout=phase_timeout))
+                                    phase_timeout=phase_timeout, mode=mode))
     return jobs
 
 
@@ -242,12 +266,17 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (n, rate, phase), runs in cells.items():
         first = runs[0]
         drops, threshold = first["drops"], first["threshold"]
-        expected = "ok" if n - drops >= threshold else "abort"
+        # Per run: in paillier mode some scripted drops never happen (and with phase
+        # "random" how many differs by seed).
+        run_expected = [r.get("expected", _expected(n, drops, threshold)) for r in runs]
+        expected = run_expected[0] if len(set(run_expected)) == 1 else "mixed"
+        mode = first.get("mode", "masking")
         ok_runs = [r for r in runs if r["status"] == "ok"]
         errors = [r for r in runs if r["status"] == "error"]
         reasons = sorted({_short_reason(r["reason"]) for r in runs
                           if r["status"] != "ok" and r.get("reason")})
-        killed = [len(r["killed"]) if r.get("killed") is not None else r["drops"]
+        killed = [len(r["killed"]) if r.get("killed") is not None
+                  else r.get("effective_drops", r["drops"])
                   for r in runs if r["status"] != "error"]
         summary.append({
             "n": n, "rate": rate, "phase": phase, "drops": drops, "threshold": threshold,
@@ -267,7 +296,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "max_peer_bytes_sent_mean": _mean([r.get("max_peer_bytes_sent") for r in runs]),
             "server_bytes_in_mean": _mean([r.get("server_bytes_in") for r in runs]),
             "abort_reasons": reasons,
-            "surprise": expected == "ok" and len(ok_runs) < len(runs),
+            "surprise": any(e == "ok" and r["status"] != "ok"
+                            for e, r in zip(run_expected, runs, strict=True)),
+            "effective_drops_mean": _mean([r.get("effective_drops", drops) for r in runs]),
+            "mode": mode,
+            "phase_applies": phase in (BASELINE, RANDOM) or phase_applies(phase, mode),
         })
     return summary
 
@@ -307,6 +340,10 @@ def render_table(summary: Sequence[dict[str, Any]], title: str) -> Table:
         if cell["surprise"]:
             ok = f"[yellow]{ok}[/]"
         notes: list[str] = []
+        if not cell.get("phase_applies", True):
+            notes.append(f"no such phase in {cell['mode']} mode: nobody killed")
+        elif (cell.get("effective_drops_mean") or 0) < cell["drops"] - 1e-9:
+            notes.append(f"{cell['effective_drops_mean']:.1f} drops happen on average")
         if cell["surprise"]:
             notes.append("aborted although enough peers survive")
         if cell["errors"]:
@@ -314,7 +351,9 @@ def render_table(summary: Sequence[dict[str, Any]], title: str) -> Table:
         if cell["unexpected_contributors"]:
             notes.append(f"dead peers counted: {cell['unexpected_contributors'][:5]}")
         killed = cell["killed_mean"]
-        if killed is not None and abs(killed - cell["drops"]) > 1e-9:
+        happen = cell.get("effective_drops_mean")
+        if killed is not None and abs(killed - (cell["drops"] if happen is None else happen)) \
+                > 1e-9:
             notes.append(f"killed {killed:.1f} on average")
         notes += cell["abort_reasons"]
         contributors = cell["contributors_mean"]
@@ -481,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=None,
                         help="rounds per cell (sim default 3, websockets 2)")
     parser.add_argument("--graph", choices=GRAPHS, default="complete")
+    parser.add_argument("--mode", choices=MODES, default="masking",
+                        help="masking (default), paillier (complete graph only) or hybrid; "
+                             "the latter two encrypt, so keep n and dim small")
     parser.add_argument("--transport", choices=TRANSPORTS, default="sim")
     parser.add_argument("--dim", type=int, default=None, help="vector length (default 100)")
     parser.add_argument("--fan-in", type=int, default=None,
@@ -506,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(DEFAULTS[args.transport])
     if args.quick:
         settings.update(QUICK[args.transport])
+        if args.mode != "masking":  # encryption costs tens of ms per peer and round
+            settings["peers"] = settings["peers"][:1]
     peers: list[int] = args.peers or settings["peers"]
     rates: list[float] = args.rates or settings["rates"]
     seeds: int = args.seeds if args.seeds is not None else settings["seeds"]
@@ -524,14 +568,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
     phases: list[str] = args.phases
+    try:
+        check_mode(args.mode, args.graph)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: --mode {args.mode} --graph {args.graph}: {exc}",
+              file=sys.stderr)
+        return 2
 
     stderr = Console(stderr=True)
     stdout = Console(width=None if sys.stdout.isatty() else 150)
     if args.transport == "websockets" and max(peers) > WEBSOCKET_SOFT_LIMIT:
         stderr.print(f"[yellow]note:[/] websocket cells above {WEBSOCKET_SOFT_LIMIT} peers "
                      "run every peer in this one process and get slow")
+    skipped = [phase for phase in inapplicable_phases(args.mode) if phase in phases]
+    if skipped or (inapplicable_phases(args.mode) and RANDOM in phases):
+        stderr.print(f"[yellow]note:[/] {args.mode} mode has no share exchange and no "
+                     f"unmasking: drops at {', '.join(inapplicable_phases(args.mode))} "
+                     "do not apply (those peers contribute normally); share_keys peers "
+                     "die when the roster arrives", soft_wrap=True)
     jobs = make_jobs(args.transport, peers, rates, phases, seeds, args.graph, dim, fan_in,
-                     timeout)
+                     timeout, args.mode)
     workers = args.jobs if args.jobs is not None else min(os.cpu_count() or 1, len(jobs))
     if args.quick and args.jobs is None:
         workers = 1  # process start-up would cost more than the rounds
@@ -544,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     summary = summarize(records)
 
-    title = f"{args.transport}, {args.graph} graph"
+    title = f"{args.transport}, {args.graph} graph, {args.mode} mode"
     files: list[Path] = []
     if not args.no_plots:
         files += plot(summary, records, phases, args.out, title)
@@ -552,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     files.insert(0, report_path)
     report = {
         "study": "secagg dropout study",
-        "config": {"transport": args.transport, "graph": args.graph, "peers": peers,
+        "config": {"transport": args.transport, "graph": args.graph, "mode": args.mode,
+                   "peers": peers,
                    "rates": rates, "phases": phases, "seeds": seeds, "dim": dim,
                    "fan_in": fan_in, "phase_timeout": timeout, "quick": args.quick,
                    "threshold": "floor(n/2) + 1", "workers": workers},

@@ -11,6 +11,7 @@ The file (every key but ``peers`` is optional)::
     dim = 100                # vector length, >= 1
     threshold = 11           # n/2 < threshold <= n; default floor(n/2) + 1
     graph = "complete"       # "complete" or "sparse" (SecAgg+)
+    mode = "masking"         # "masking", "paillier" (complete graph only) or "hybrid"
     rounds = 2               # >= 1
     seed = 1                 # >= 0: inputs (and the simulator's randomness) derive from it
     fan_in = 8               # accumulation tree fan-in, >= 2 (default 8; websockets 3)
@@ -35,10 +36,17 @@ websockets each is a crash at the matching peer state; see :mod:`scenarios.commo
 (a peer scripted as a relay that turns out to be a leaf is crashed after its sum
 left). Inputs of round r are uniform in [-1, 1), drawn from ``(seed, r)``.
 
+Modes: ``masking`` (pairwise and self masks), ``hybrid`` (masked vectors, also
+Paillier-encrypted; the same phases) and ``paillier`` (inputs Paillier-encrypted
+under the server's key; complete graph only). A paillier round has no share
+exchange and no unmasking: a ``share_keys`` peer dies when the roster arrives
+(it never contributes), and ``consistency_check`` / ``unmasking`` peers are not
+killed at all: the runner says so and they contribute normally.
+
 Validation is strict: an unknown key, a wrong type, an out-of-range peer index,
-an unknown phase, a threshold outside (n/2, n] or malformed TOML is reported in
-one line naming the key, e.g. ``scenario.toml: drops."25": peer index out of range
-0..19``, with exit status 2.
+an unknown phase or mode, paillier mode on the sparse graph, a threshold outside
+(n/2, n] or malformed TOML is reported in one line naming the key, e.g.
+``scenario.toml: drops."25": peer index out of range 0..19``, with exit status 2.
 
 For each round the script prints the status, the contributors, the dropped peers
 with the reason (and what the script did to them) and whether the aggregate is
@@ -65,10 +73,13 @@ from typing import Any, cast
 import numpy as np
 
 from scenarios.common import (
+    MODES,
     PHASES,
+    Mode,
     RoundReport,
     default_threshold,
     make_inputs,
+    phase_applies,
     run_network_rounds,
     run_sim_round,
 )
@@ -81,7 +92,7 @@ MAX_PEERS = {"sim": 99_999, "websockets": 200}
 MAX_DIM = 10_000_000
 MAX_ROUNDS = 1000
 TOP_KEYS = ("name", "description", "transport", "peers", "dim", "threshold", "graph",
-            "rounds", "seed", "fan_in", "phase_timeout", "expect", "drops", "round_drops")
+            "mode", "rounds", "seed", "fan_in", "phase_timeout", "expect", "drops", "round_drops")
 ROUND_KEYS = ("round", "drops", "expect")
 DEFAULT_FAN_IN = {"sim": 8, "websockets": 3}
 DEFAULT_TIMEOUT = {"sim": 10.0, "websockets": 5.0}
@@ -113,6 +124,7 @@ class Scenario:
     drops: dict[int, str]
     round_drops: dict[int, dict[int, str]] = field(default_factory=dict)
     round_expect: dict[int, str] = field(default_factory=dict)
+    mode: str = "masking"
 
     def drops_for(self, round_number: int) -> dict[int, str]:
         return dict(self.round_drops.get(round_number, self.drops))
@@ -120,11 +132,16 @@ class Scenario:
     def expect_for(self, round_number: int) -> str | None:
         return self.round_expect.get(round_number, self.expect)
 
+    def inapplicable_drops(self, round_number: int) -> dict[int, str]:
+        """Scripted drops that this scenario's mode never carries out."""
+        return {u: phase for u, phase in self.drops_for(round_number).items()
+                if not phase_applies(phase, self.mode)}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "description": self.description, "transport": self.transport,
             "peers": self.peers, "dim": self.dim, "threshold": self.threshold,
-            "graph": self.graph, "rounds": self.rounds, "seed": self.seed,
+            "graph": self.graph, "mode": self.mode, "rounds": self.rounds, "seed": self.seed,
             "fan_in": self.fan_in, "phase_timeout": self.phase_timeout, "expect": self.expect,
             "drops": {str(k): v for k, v in self.drops.items()},
             "round_drops": [{"round": r, "drops": {str(k): v for k, v in d.items()},
@@ -236,6 +253,10 @@ def parse_scenario(data: Mapping[str, Any], default_name: str) -> Scenario:
             raise ScenarioError("threshold", f"{threshold} must be more than peers/2 = "
                                               f"{n / 2:g} (at least {n // 2 + 1})")
     graph = cast(str, _get_str(data, "graph", "complete", GRAPHS))
+    mode = cast(str, _get_str(data, "mode", "masking", MODES))
+    if mode == "paillier" and graph != "complete":
+        raise ScenarioError("mode", f'"paillier" needs graph = "complete", not '
+                                    f'{json.dumps(graph)} (no masks, so no neighbour graph)')
     rounds = _get_int(data, "rounds", 1, 1, MAX_ROUNDS)
     seed = _get_int(data, "seed", 0, 0, 2**63 - 1)
     fan_in = _get_int(data, "fan_in", DEFAULT_FAN_IN[transport], 2, 1024)
@@ -277,7 +298,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str) -> Scenario:
     return Scenario(name=name, description=description, transport=transport, peers=n,
                     dim=dim, threshold=threshold, graph=graph, rounds=rounds, seed=seed,
                     fan_in=fan_in, phase_timeout=timeout, expect=expect, drops=drops,
-                    round_drops=round_drops, round_expect=round_expect)
+                    round_drops=round_drops, round_expect=round_expect, mode=mode)
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -308,13 +329,16 @@ def run_scenario(scenario: Scenario) -> list[RoundReport]:
     inputs = [round_inputs(scenario, r) for r in range(scenario.rounds)]
     drops = [scenario.drops_for(r) for r in range(scenario.rounds)]
     graph = cast(GraphKind, scenario.graph)
+    mode = cast(Mode, scenario.mode)
     if scenario.transport == "sim":
         return [run_sim_round(x, scenario.threshold, d, graph=graph,
                               seed=scenario.seed + r, fan_in=scenario.fan_in,
-                              phase_timeout=scenario.phase_timeout, round_number=r)
+                              phase_timeout=scenario.phase_timeout, round_number=r,
+                              mode=mode)
                 for r, (x, d) in enumerate(zip(inputs, drops, strict=True))]
     return run_network_rounds(inputs, scenario.threshold, drops, graph=graph,
-                              fan_in=scenario.fan_in, phase_timeout=scenario.phase_timeout)
+                              fan_in=scenario.fan_in, phase_timeout=scenario.phase_timeout,
+                              mode=mode)
 
 
 def ranges(indices: Sequence[int]) -> str:
@@ -344,7 +368,8 @@ def check_round(report: RoundReport, expected: str | None) -> list[str]:
     return problems
 
 
-def print_round(report: RoundReport, expected: str | None, problems: Sequence[str]) -> None:
+def print_round(report: RoundReport, expected: str | None, problems: Sequence[str],
+                inapplicable: Mapping[int, str] | None = None) -> None:
     header = f"round {report.round}: {report.status}"
     if report.reason:
         header += f" ({report.reason})"
@@ -353,13 +378,17 @@ def print_round(report: RoundReport, expected: str | None, problems: Sequence[st
         header += f"; expected {expected}: " + ("yes" if report.status == expected else "NO")
     print(header)
     print(f"  contributors ({len(report.contributors)}): {ranges(report.contributors)}")
+    if inapplicable:
+        print(f"  not applicable in {report.mode} mode (no such phase; these peers contribute "
+              "normally): " + ", ".join(f"{i} ({phase})" for i, phase in inapplicable.items()))
     if report.dropped:
         print(f"  dropped ({len(report.dropped)}):")
         scripted = report.killed if report.killed is not None else report.scheduled
         for index, reason in report.dropped.items():
             note = f" (scripted: {scripted[index]})" if index in scripted else ""
             print(f"    {index}: {reason}{note}")
-    unaccounted = [i for i in (report.killed or report.scheduled) if i not in report.dropped]
+    unaccounted = [i for i in (report.killed or report.scheduled)
+                   if i not in report.dropped and i not in (inapplicable or {})]
     if unaccounted:
         what = report.killed if report.killed is not None else report.scheduled
         print("  scripted but not listed as dropped: " +
@@ -397,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.CRITICAL)
     print(f"scenario {scenario.name!r}: {scenario.transport}, {scenario.peers} peers, "
           f"dim {scenario.dim}, threshold {scenario.threshold}, {scenario.graph} graph, "
+          f"{scenario.mode} mode, "
           f"{scenario.rounds} round{'s' if scenario.rounds != 1 else ''}, fan-in "
           f"{scenario.fan_in}, phase timeout {scenario.phase_timeout:g} s")
     if scenario.description:
@@ -415,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         expected = scenario.expect_for(report.round)
         problems = check_round(report, expected)
         failed = failed or bool(problems)
-        print_round(report, expected, problems)
-        rounds_json.append({**report.to_json(), "expect": expected, "problems": problems})
+        inapplicable = scenario.inapplicable_drops(report.round)
+        print_round(report, expected, problems, inapplicable)
+        rounds_json.append({**report.to_json(), "expect": expected, "problems": problems,
+                            "not_applicable": {str(k): v for k, v in inapplicable.items()}})
     out: Path = args.out or Path("results/scenarios") / f"{path.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"scenario": scenario.to_json(), "file": str(path),

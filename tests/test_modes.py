@@ -31,6 +31,7 @@ from secagg.errors import ProtocolError, WireError
 from secagg.paillier import PaillierKeyPair, decrypt_vector, generate_keypair, public_key_bytes
 from secagg.protocol import (
     MessageReceived,
+    PeerGone,
     PeerProtocol,
     RoundFinished,
     Send,
@@ -49,9 +50,11 @@ from secagg.wire import (
     Envelope,
     PaillierPartialSum,
     PaillierRootAggregate,
+    PeerDropped,
     PeerEntry,
     RootAggregate,
     Roster,
+    ShareReport,
     UnmaskShares,
     decode,
     encode,
@@ -454,3 +457,40 @@ def test_slots_follow_the_roster_when_fewer_peers_register(keys: PaillierKeyPair
     peer_layout = slot_layout(key_bits=2048, modulus_bits=32, peers=rosters[0].size)
     assert server.slot_layout == peer_layout and peer_layout.slot_bits == 40
     assert server.limits().ciphertext_bytes == peer_layout.ciphertext_count(100) * 512
+
+
+@pytest.mark.parametrize("mode", ["paillier", "hybrid"])
+@pytest.mark.parametrize("child_first", [True, False])
+def test_death_notices_reach_whoever_waits_in_place_of_a_dead_relay(
+        mode: str, child_first: bool, keys: PaillierKeyPair) -> None:
+    """A relay C and its parent P both die: P's parent G must hear of both, in either
+    order, or it waits for C's sum until its deadline (tree relatives need not share a
+    connection that would tell them)."""
+    session = bytes(SESSION_BYTES)
+    n = 15
+    config = ServerConfig(session=session, round=0, min_peers=n, threshold=8, dim=2,
+                          fan_in=2, mode=mode)  # type: ignore[arg-type]
+    server = ServerProtocol(config, paillier_keys=keys)
+    server.start()
+    peers = [PeerProtocol(f"p{i:02d}") for i in range(n)]
+    for peer in peers:
+        for action in peer.start(session, 0, np.zeros(2)):
+            assert isinstance(action, Send)
+            server.handle(MessageReceived(action.envelope))
+    if mode == "hybrid":  # everyone reports full shares: on to the tree
+        for peer in peers:
+            server.handle(MessageReceived(Envelope(
+                session=session, round=0, sender=peer.name,
+                body=ShareReport(missing_from=[]))))
+    tree = server._tree
+    assert tree is not None
+    child = next(u for u in range(n) if len(tree.ancestors(u)) >= 2 and tree.children(u))
+    parent, grandparent = tree.ancestors(child)[:2]
+    order = [child, parent] if child_first else [parent, child]
+    notices: list[tuple[str, int]] = []
+    for dead in order:
+        for action in server.handle(PeerGone(server.names[dead])):
+            if isinstance(action, Send) and isinstance(action.envelope.body, PeerDropped):
+                notices.append((action.recipient, action.envelope.body.peer))
+    told_grandparent = {peer for name, peer in notices if name == server.names[grandparent]}
+    assert told_grandparent == {child, parent}, notices

@@ -372,8 +372,11 @@ SERVER_BASE = ["--host", HOST, "--port", "0", "--min-peers", "10", "--threshold"
     ([*SERVER_BASE, "--dim", "-3"], "--dim"),
     ([*SERVER_BASE, "--phase-timeout", "0"], "--phase-timeout"),
     ([*SERVER_BASE, "--port", "70000"], "--port"),
+    ([*SERVER_BASE, "--mode", "paillier", "--graph", "sparse"], "--mode paillier"),
+    ([*SERVER_BASE, "--mode", "rsa"], "--mode"),
+    ([*SERVER_BASE, "--mode", "hybrid", "--paillier-key-bits", "1024"], "--paillier-key-bits"),
 ], ids=["missing-dim", "threshold-half", "threshold-above-n", "unknown-graph", "negative-dim",
-        "zero-timeout", "bad-port"])
+        "zero-timeout", "bad-port", "paillier-sparse", "unknown-mode", "small-key"])
 def test_server_cli_rejects_bad_arguments(tmp_path: Path, args: list[str],
                                           fragment: str) -> None:
     proc = run_cli("-m", "server", *args, "--out", str(tmp_path / "out"))

@@ -1,10 +1,12 @@
-"""The scenario scripts: the dropout study (--quick, both transports) and the
-scenario-file runner (every example, and bad files rejected in one line)."""
+"""The scenario scripts: the demo (every mode, both transports), the dropout study
+(--quick, both transports; a hybrid-mode run) and the scenario-file runner (every
+example, and bad files rejected in one line)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,48 @@ def run_module(module: str, *args: str, timeout: float = 60.0) -> subprocess.Com
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# ------------------------------------------------------------- demo
+
+
+def _demo_vectors(stdout: str) -> tuple[list[float], list[float]]:
+    def vector(label: str) -> list[float]:
+        match = re.search(rf"^{label}\s*: \[([^\]]*)\]", stdout, re.MULTILINE)
+        assert match, stdout
+        return [float(v) for v in match.group(1).split()]
+    return vector("secure aggregate"), vector("plaintext sum")
+
+
+@pytest.mark.parametrize("transport", ["sim", "network"])
+@pytest.mark.parametrize("mode", ["masking", "paillier", "hybrid"])
+def test_demo(mode: str, transport: str) -> None:
+    proc = run_module("scenarios.demo", "--mode", mode,
+                      *(("--sim",) if transport == "sim" else ()))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "round status: ok" in out and f"{mode} mode" in out
+    aggregate, expected = _demo_vectors(out)
+    assert len(aggregate) == len(expected) == 6
+    assert max(abs(a - b) for a, b in zip(aggregate, expected, strict=True)) < 1e-6
+    assert "max |difference|" in out
+    contributors = re.search(r"^contributors \((\d+)\): (.*)$", out, re.MULTILINE)
+    assert contributors, out
+    names = contributors.group(2).split(", ")
+    assert len(names) == int(contributors.group(1))
+    skipped = [line for line in out.splitlines() if "do not apply" in line]
+    if mode == "paillier":
+        # No share exchange, no unmasking: said once, and both peers contribute.
+        assert len(skipped) == 1, out
+        assert "during the share exchange" in skipped[0] and "during unmasking" in skipped[0]
+        assert sum(1 for name in names if name.endswith(("-01", "-00001"))) == 1
+        assert sum(1 for name in names if name.endswith(("-04", "-00004"))) == 1
+        assert len(names) == 10 and out.count("  dropped ") == 2
+        assert "no_share_report" not in out and "unmask_share_missing" not in out
+    else:
+        assert skipped == [], out
+        assert len(names) == 9 and out.count("  dropped ") == 4
+        assert "no_share_report" in out and "unmask_share_missing" in out
 
 
 # ------------------------------------------------------------- dropout study
@@ -85,6 +129,68 @@ def test_dropout_study_rejects_bad_flags(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "sharing" in proc.stderr
 
 
+def test_hybrid_dropout_study(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    proc = run_module("scenarios.dropouts", "--mode", "hybrid", "--peers", "8", "--rates",
+                      "0,0.25", "--phases", "share_keys,masked_input,relay,unmasking",
+                      "--seeds", "1", "--dim", "4", "--jobs", "1", "--no-plots",
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "hybrid mode" in proc.stdout
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    assert report["config"]["mode"] == "hybrid"
+    runs = report["runs"]
+    assert len(runs) == 5
+    for run in runs:
+        assert run["mode"] == "hybrid" and run["transport"] == "sim"
+        assert run["status"] == "ok", run  # 2 of 8 drop, t = 5
+        assert run["exact"] is True and run["max_error"] <= run["tolerance"] * (1 + 1e-9)
+        assert run["unexpected_contributors"] == []
+        assert run["effective_drops"] == run["drops"]  # every phase applies
+    unmasking = [run for run in runs if run["phase"] == "unmasking"]
+    assert unmasking and all(len(run["contributors"]) == 8 for run in unmasking)
+    assert all(cell["expected"] == "ok" for cell in report["cells"])
+
+
+def test_paillier_sparse_refused(tmp_path: Path) -> None:
+    proc = run_module("scenarios.dropouts", "--mode", "paillier", "--graph", "sparse",
+                      "--quick", "--out", str(tmp_path / "study"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "paillier" in lines[0] and "complete" in lines[0], proc.stderr
+    assert not (tmp_path / "study").exists()
+
+
+def test_mode_phases() -> None:
+    from scenarios.common import check_mode, inapplicable_phases, phase_applies
+
+    assert inapplicable_phases("masking") == inapplicable_phases("hybrid") == ()
+    assert inapplicable_phases("paillier") == ("consistency_check", "unmasking")
+    assert phase_applies("share_keys", "paillier")  # dies on the roster
+    assert not phase_applies("unmasking", "paillier")
+    assert check_mode("hybrid", "sparse") == "hybrid"
+    with pytest.raises(ValueError, match="complete graph"):
+        check_mode("paillier", "sparse")
+    with pytest.raises(ValueError, match="unknown mode"):
+        check_mode("rsa")
+
+
+def test_paillier_network_drops() -> None:
+    """Over websockets, paillier mode: a share_keys peer dies on the roster, an
+    unmasking peer is never killed and contributes."""
+    from scenarios.common import make_inputs, run_network_rounds
+
+    inputs = make_inputs(8, 3, seed=4)
+    (report,) = run_network_rounds([inputs], 5, [{1: "share_keys", 2: "unmasking"}],
+                                   phase_timeout=1.0, mode="paillier")
+    assert report.mode == "paillier" and report.status == "ok", report
+    assert report.exact is True
+    assert 1 not in report.contributors and 1 in report.dropped
+    assert 2 in report.contributors and 2 not in report.dropped
+    assert report.killed == {1: "share_keys"}
+    assert report.to_json()["mode"] == "paillier"
+
+
 def test_drop_schedule() -> None:
     from scenarios.dropouts import Job, schedule
 
@@ -114,7 +220,7 @@ def _example_files() -> list[Path]:
 
 def test_examples_present() -> None:
     names = {path.stem for path in _example_files()}
-    assert {"basic", "sparse_200", "websockets", "too_many_drops"} <= names
+    assert {"basic", "sparse_200", "websockets", "too_many_drops", "hybrid"} <= names
 
 
 @pytest.mark.parametrize("path", _example_files(), ids=lambda p: p.stem)
@@ -122,16 +228,18 @@ def test_example_scenario(path: Path, tmp_path: Path) -> None:
     import tomllib
 
     spec = tomllib.loads(path.read_text())
+    mode = spec.get("mode", "masking")
     out = tmp_path / "report.json"
     proc = run_module("scenarios.run", str(path), "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["passed"] is True
+    assert report["scenario"]["mode"] == mode and f"{mode} mode" in proc.stdout
     rounds = report["rounds"]
     assert len(rounds) == spec.get("rounds", 1)
     assert [r["round"] for r in rounds] == list(range(len(rounds)))
     for r in rounds:
-        assert r["problems"] == []
+        assert r["problems"] == [] and r["mode"] == mode
         if r["expect"] is not None:
             assert r["status"] == r["expect"]
         assert f"round {r['round']}: {r['status']}" in proc.stdout
@@ -148,7 +256,10 @@ def test_example_scenario(path: Path, tmp_path: Path) -> None:
                     assert index in r["dropped"]
             if phase == "unmasking" and r["status"] == "ok":
                 assert int(index) in r["contributors"]
-                assert r["dropped"][index] == "unmask_share_missing"
+                if mode == "paillier":  # no unmasking: the peer is never killed
+                    assert index not in r["dropped"] and index in r["not_applicable"]
+                else:
+                    assert r["dropped"][index] == "unmask_share_missing"
 
 
 def test_abort_example_aborts(tmp_path: Path) -> None:
@@ -201,6 +312,11 @@ BAD_FILES = {
     "high_threshold": (VALID + "threshold = 21\n", "threshold: 21 out of range 1..20"),
     "missing_peers": (VALID.replace("peers = 20\n", ""), "peers: missing"),
     "malformed": (VALID + "drops = [\n", "invalid TOML"),
+    "bad_mode": (VALID + 'mode = "rsa"\n',
+                 'mode: unknown value "rsa"; expected one of masking, paillier, hybrid'),
+    "bad_mode_type": (VALID + "mode = 2\n", "mode: expected a string, got an integer"),
+    "paillier_sparse": (VALID.replace('graph = "complete"', 'graph = "sparse"') +
+                        'mode = "paillier"\n', 'mode: "paillier" needs graph = "complete"'),
 }
 
 
@@ -239,3 +355,16 @@ def test_parse_round_overrides() -> None:
     assert scenario.drops_for(0) == {3: "share_keys"}
     assert scenario.drops_for(1) == {5: "relay"}
     assert (scenario.expect_for(0), scenario.expect_for(1)) == ("ok", "aborted")
+    assert scenario.mode == "masking" and scenario.to_json()["mode"] == "masking"
+
+
+def test_parse_paillier_scenario() -> None:
+    import tomllib
+
+    from scenarios.run import parse_scenario
+
+    scenario = parse_scenario(tomllib.loads(
+        VALID + 'mode = "paillier"\n[drops]\n3 = "share_keys"\n4 = "unmasking"\n'
+        '5 = "consistency_check"\n'), "t")
+    assert scenario.mode == "paillier"
+    assert scenario.inapplicable_drops(0) == {4: "unmasking", 5: "consistency_check"}

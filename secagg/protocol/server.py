@@ -874,11 +874,30 @@ class ServerProtocol:
         if self.state is ServerState.SHARING and self._graph is not None:
             waiting = [v for v in self._graph.neighbours(u) if v != u]
         elif self.state is ServerState.MASKING and self._tree is not None and u in self._tree:
-            parent = self._tree.parent(u)
-            waiting = [parent] if parent is not None else []
-            if self._root != self._tree.root() and self._root not in (u, parent):
+            # The nearest live ancestor is who collects u's children now.
+            ancestor = self._tree.nearest_live_ancestor(u, lambda p: p not in self._gone)
+            waiting = [ancestor] if ancestor is not None else []
+            if self._root != self._tree.root() and self._root not in (u, ancestor):
                 waiting.append(self._root)  # a named new root waits for everyone
+            # Dead children of u were announced to u alone; whoever takes u's place must
+            # learn of them too, or it waits for their sums until its deadline. (Peers
+            # that shared keys see each other go; in paillier mode tree relatives may
+            # never have been connected.)
+            gone = [u, *self._gone_below(u)]
+            return [self._send(v, PeerDropped(peer=g)) for v in waiting
+                    if v not in self._gone for g in gone]
         return [self._send(v, PeerDropped(peer=u)) for v in waiting if v not in self._gone]
+
+    def _gone_below(self, u: int) -> list[int]:
+        """The gone children of ``u``, their gone children, and so on."""
+        assert self._tree is not None
+        found: list[int] = []
+        stack = [c for c in self._tree.children(u) if c in self._gone]
+        while stack:
+            child = stack.pop()
+            found.append(child)
+            stack += [c for c in self._tree.children(child) if c in self._gone]
+        return found
 
     # ------------------------------------------------------------ endings
 
