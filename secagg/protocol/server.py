@@ -564,6 +564,10 @@ class ServerProtocol:
         contributors = self._check_aggregate(env, aggregate.contributors)
         layout, keys = self.slot_layout, self._paillier_keys
         try:
+            layout.check_summands(len(contributors))  # contributors <= U2 <= n: a bug if not
+        except EncodingError as exc:
+            raise ProtocolError(str(exc)) from None
+        try:
             ciphertexts = ciphertexts_from_bytes(aggregate.ciphertexts, keys.public,
                                                  layout.ciphertext_count(self.config.wire_dim))
         except CryptoError as exc:
