@@ -88,6 +88,7 @@ class Config:
     modulus_bits: int = 64
     phase_timeout: float = 10.0
     quick: bool = False
+    mode: str = "masking"  # or "paillier" / "hybrid" (DESIGN section 5)
 
 
 @dataclass
@@ -320,7 +321,8 @@ async def run(cfg: Config, data: Dataset,
     async with Coordinator(min_peers=n, threshold=threshold, dim=spec.size, weighted=True,
                            max_weight=max_weight, clip=cfg.clip,
                            modulus_bits=cfg.modulus_bits, phase_timeout=cfg.phase_timeout,
-                           progress=on_coordinator_phase) as coordinator:
+                           progress=on_coordinator_phase,
+                           mode=cfg.mode) as coordinator:  # type: ignore[arg-type]
         for i in range(n):
             peers[i] = await new_peer(i, coordinator.url)
         for r in range(cfg.rounds):
@@ -484,9 +486,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="ring size: 32 bits quantizes coarsely enough to see its error")
     parser.add_argument("--quick", action="store_true",
                         help="6 peers, 2 rounds, 1 epoch: a few seconds (for tests)")
+    parser.add_argument("--mode", choices=("masking", "paillier", "hybrid"), default="masking",
+                        help="how updates are protected on their way up the tree")
     args = parser.parse_args(argv)
     base = Config(peers=6, rounds=2, epochs=1, quick=True) if args.quick else Config()
     cfg = Config(**{**asdict(base), "seed": args.seed, "modulus_bits": args.modulus_bits,
+                    "mode": args.mode,
                     "peers": args.peers if args.peers is not None else base.peers,
                     "rounds": args.rounds if args.rounds is not None else base.rounds})
     if cfg.peers < 3:

@@ -187,3 +187,20 @@ def test_quick_scenario_writes_report_and_plot(tmp_path: Path,
     png = (tmp_path / fedavg_torch.PLOT_NAME).read_bytes()
     assert png.startswith(PNG_SIGNATURE)
     assert len(png) > 1000
+
+
+@pytest.mark.parametrize("mode", ["paillier", "hybrid"])
+def test_quick_scenario_in_the_homomorphic_modes(tmp_path: Path, mode: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch loop does not care how updates are protected: secure FedAvg still
+    matches plaintext FedAvg over the same contributors."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # for `scenarios`
+    from scenarios import fedavg_torch
+
+    status = fedavg_torch.main(["--quick", "--mode", mode, "--out", str(tmp_path)])
+    assert status == 0
+    report = json.loads((tmp_path / fedavg_torch.REPORT_NAME).read_text())
+    assert report["config"]["mode"] == mode
+    assert report["agree"] is True
+    assert all(record["status"] == "ok" and record["within_bound"]
+               for record in report["rounds"])
