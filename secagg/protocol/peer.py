@@ -186,7 +186,6 @@ class PeerProtocol:
         self._graph: NeighbourGraph | None = None
         self._encoder: Encoder | None = None
         self._payloads: Payloads | None = None
-        self._encryptor: FastEncryptor | None = None
         self._contacts: dict[int, PeerEntry] = {}
         self._index_of: dict[str, int] = {}
         self._channel_keys: dict[int, bytes] = {}
