@@ -50,7 +50,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from unittest import mock
 
 import numpy as np
@@ -61,6 +61,7 @@ from secagg.graph import GraphKind
 from secagg.paillier import PaillierKeyPair
 from secagg.protocol import PeerOutcome
 from secagg.protocol.common import MODES, Encoder, Mode
+from secagg.protocol.common import check_mode as protocol_check_mode
 from secagg.sim import PHASES, peer_name, run_round
 from secagg.wire import SERVER
 from server import Coordinator
@@ -112,12 +113,8 @@ def normalize_phase(phase: str) -> str:
 def check_mode(mode: str, graph: str = "complete") -> Mode:
     """``mode`` as a :data:`Mode`; ValueError (one line) for an unknown mode or a
     paillier round on a sparse graph."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
-    if mode == "paillier" and graph != "complete":
-        raise ValueError(f'paillier mode needs the complete graph, not {graph!r} (it has no '
-                         f'masks and so no neighbour graph)')
-    return mode
+    protocol_check_mode(mode, graph)
+    return cast(Mode, mode)
 
 
 def phase_applies(phase: str, mode: str) -> bool:

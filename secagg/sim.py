@@ -373,8 +373,7 @@ def run_round(
                           modulus_bits=bits, weighted=weighted,
                           max_weight=max_weight if max_weight is not None else 1.0,
                           phase_timeout=phase_timeout, mode=mode,
-                          paillier_key_bits=(paillier_keys.public.n.bit_length()
-                                             if paillier_keys is not None
+                          paillier_key_bits=(paillier_keys.key_bits if paillier_keys is not None
                                              else paillier_key_bits))
     server = ServerProtocol(config, random_bytes=DeterministicRandom(seed, "server"),
                             record_view=True, paillier_keys=paillier_keys)

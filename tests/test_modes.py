@@ -61,14 +61,13 @@ from secagg.wire import (
     encode_record,
 )
 
-
-@pytest.fixture(scope="module")
-def keys() -> PaillierKeyPair:
-    return generate_keypair(2048)
-
-
-# One key pair for the property tests (generated once per process, not per example).
+# One key pair for the whole module (hypothesis examples included): keygen is not cheap.
 _KEYS: list[PaillierKeyPair] = []
+
+
+@pytest.fixture
+def keys() -> PaillierKeyPair:
+    return module_keys()
 
 
 def module_keys() -> PaillierKeyPair:

@@ -70,6 +70,16 @@ class Encoder:
         return self.quantizer.encode(values, rng)
 
 
+def check_mode(mode: str, graph: str) -> None:
+    """ValueError (one line) unless ``mode`` is known and runs on ``graph``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: mode must be one of {', '.join(MODES)}")
+    if mode == "paillier" and graph != "complete":
+        raise ValueError(f"paillier mode needs the complete graph, not {graph!r}: it has no "
+                         "masks and so no neighbour graph (the sparse graph is for masking "
+                         "and hybrid)")
+
+
 def slot_layout(*, key_bits: int, modulus_bits: int, peers: int) -> SlotLayout:
     """How a round packs its ring elements into Paillier plaintexts: ``modulus_bits``
     per value, room for the sum of all ``peers`` inputs in every slot."""

@@ -49,12 +49,12 @@ from secagg.paillier import (
 )
 from secagg.protocol.common import (
     GRAPH_KINDS,
-    MODES,
     THREAT_MODELS,
     Encoder,
     Mode,
     ThreatModel,
     check_envelope,
+    check_mode,
     consistency_message,
     envelope,
     round_limits,
@@ -148,13 +148,9 @@ class ServerConfig:
             raise ValueError(f"fan_in must be at least 2, got {self.fan_in}")
         if not self.phase_timeout > 0:
             raise ValueError("phase_timeout must be positive")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        check_mode(self.mode, self.graph)
         if self.paillier_key_bits not in KEY_BITS:
             raise ValueError(f"paillier_key_bits must be one of {KEY_BITS}")
-        if self.mode == "paillier" and self.graph != "complete":
-            raise ValueError("paillier mode has no masks and so no neighbour graph: "
-                             "use graph='complete' (the sparse graph is for masking and hybrid)")
 
     def encoder(self) -> Encoder:
         return Encoder.create(n=self.min_peers, dim=self.dim, clip=self.clip, scale=self.scale,
@@ -232,9 +228,9 @@ class ServerProtocol:
         self._paillier_keys: PaillierKeyPair | None = None
         if self.slot_layout is not None:
             self._paillier_keys = paillier_keys or generate_keypair(config.paillier_key_bits)
-            if self._paillier_keys.public.n.bit_length() != config.paillier_key_bits:
-                raise ValueError(f"the Paillier key has {self._paillier_keys.public.n.bit_length()}"
-                                 f" bits, the config says {config.paillier_key_bits}")
+            if self._paillier_keys.key_bits != config.paillier_key_bits:
+                raise ValueError(f"the Paillier key has {self._paillier_keys.key_bits} bits, "
+                                 f"the config says {config.paillier_key_bits}")
         self._random_bytes = random_bytes
         self.state = ServerState.IDLE
         self.outcome: ServerOutcome | None = None
