@@ -81,8 +81,8 @@ class CountMarker:
     """A peer count: ``0 <= c <= limits.max_peers``."""
 
 
-class CiphertextBlockMarker:
-    """Paillier ciphertexts: exactly ``limits.ciphertext_bytes`` bytes when that is set."""
+class PayloadBlockMarker:
+    """A partial sum's payload: exactly ``limits.payload_bytes`` bytes when that is set."""
 
 
 Key32 = Annotated[bytes, Blob(exact=32)]
@@ -91,7 +91,7 @@ OptionalSignature = Annotated[bytes, Blob(max_len=64)]
 ShareBytes = Annotated[bytes, Blob(exact=33)]
 Seed = Annotated[bytes, Blob(exact=32)]
 Ciphertext = Annotated[bytes, Blob(max_len=1 << 31)]
-CiphertextBlock = Annotated[bytes, Blob(max_len=1 << 31), CiphertextBlockMarker()]
+PayloadBlock = Annotated[bytes, Blob(max_len=1 << 31), PayloadBlockMarker()]
 PaillierKey = Annotated[bytes, Blob(max_len=384)]  # n of a 2048- or 3072-bit key; empty if unused
 PeerName = Annotated[str, Text(64, _NAME_PATTERN)]
 Address = Annotated[str, Text(256)]
@@ -113,25 +113,26 @@ class Limits:
     max_frame_bytes: int = 64 << 20
     dim: int | None = None
     """When set, every vector must have exactly this many coordinates."""
-    ciphertext_bytes: int | None = None
-    """When set, every block of Paillier ciphertexts must be exactly this long."""
+    payload_bytes: int | None = None
+    """When set, every partial-sum payload must be exactly this long."""
 
     @classmethod
     def for_round(cls, *, max_peers: int, dim: int, modulus_bits: int = 64,
-                  ciphertext_bytes: int | None = None) -> Limits:
+                  payload_bytes: int | None = None) -> Limits:
         """Limits for a round of at most ``max_peers`` peers and ``dim`` coordinates.
 
-        ``ciphertext_bytes`` is the size of the round's encrypted vector in the
-        paillier and hybrid modes (None in the masking mode).
+        ``payload_bytes`` is the exact size of the round's partial-sum payload (a
+        ring vector, or the encrypted vector in the paillier and hybrid modes);
+        None allows any payload up to the frame limit.
         """
-        payload_bytes = max(dim * (modulus_bits // 8), ciphertext_bytes or 0)
+        largest = max(dim * (modulus_bits // 8), payload_bytes or 0)
         # The largest legitimate frame is a vector or a ciphertext block (possibly
         # AEAD-wrapped) plus a contributor list and the roster-sized bookkeeping;
         # leave generous slack. A roster entry is about 250 bytes on the wire (350
         # with an identity key).
-        frame = payload_bytes + 512 * max_peers + (1 << 16)
+        frame = largest + 512 * max_peers + (1 << 16)
         return cls(max_peers=max_peers, max_dim=dim, max_frame_bytes=frame, dim=dim,
-                   ciphertext_bytes=ciphertext_bytes)
+                   payload_bytes=payload_bytes)
 
 
 # --------------------------------------------------------------------------
@@ -305,21 +306,15 @@ class EncryptedPartialSum(Message):
 @message
 @dataclass(frozen=True)
 class PartialSum(Message):
-    """The AEAD plaintext of :class:`EncryptedPartialSum` (also a message for tests)."""
+    """The AEAD plaintext of :class:`EncryptedPartialSum` (also a message for tests).
+
+    ``payload`` is the partial sum in the round's payload encoding (see
+    ``secagg.protocol.payload``): the ring vector's little-endian bytes in the
+    masking mode, packed Paillier ciphertexts in the paillier and hybrid modes.
+    """
 
     TYPE: ClassVar[str] = "partial_sum"
-    vector: np.ndarray
-    contributors: list[PeerIndex]
-
-
-@message
-@dataclass(frozen=True)
-class PaillierPartialSum(Message):
-    """The AEAD plaintext of :class:`EncryptedPartialSum` in the paillier and hybrid
-    modes: the partial sum as packed Paillier ciphertexts under the server's key."""
-
-    TYPE: ClassVar[str] = "paillier_partial_sum"
-    ciphertexts: CiphertextBlock
+    payload: PayloadBlock
     contributors: list[PeerIndex]
 
 
@@ -363,21 +358,13 @@ class PeerDropped(Message):
 @message
 @dataclass(frozen=True)
 class RootAggregate(Message):
-    """Root -> server: the combined masked sum, sent only with at least t contributors."""
+    """Root -> server: the combined sum, sent only with at least t contributors.
+
+    ``payload`` is in the round's payload encoding, as in :class:`PartialSum`.
+    """
 
     TYPE: ClassVar[str] = "root_aggregate"
-    vector: np.ndarray
-    contributors: list[PeerIndex]
-
-
-@message
-@dataclass(frozen=True)
-class PaillierRootAggregate(Message):
-    """Root -> server (paillier and hybrid modes): the combined sum as ciphertexts,
-    sent only with at least t contributors."""
-
-    TYPE: ClassVar[str] = "paillier_root_aggregate"
-    ciphertexts: CiphertextBlock
+    payload: PayloadBlock
     contributors: list[PeerIndex]
 
 
@@ -690,10 +677,10 @@ def _check(hint: Any, value: Any, limits: Limits, where: str) -> Any:
                     raise WireError(f"{where}: expected {marker.exact} bytes, got {len(value)}")
                 if len(value) > marker.max_len:
                     raise WireError(f"{where}: more than {marker.max_len} bytes")
-            if isinstance(marker, CiphertextBlockMarker) and limits.ciphertext_bytes is not None \
-                    and len(value) != limits.ciphertext_bytes:
-                raise WireError(f"{where}: {len(value)} bytes of ciphertexts, the round's "
-                                f"encrypted vector has {limits.ciphertext_bytes}")
+            if isinstance(marker, PayloadBlockMarker) and limits.payload_bytes is not None \
+                    and len(value) != limits.payload_bytes:
+                raise WireError(f"{where}: payload of {len(value)} bytes, the round's "
+                                f"payload has {limits.payload_bytes}")
         return value
     if origin is list:
         (item_hint,) = get_args(hint)

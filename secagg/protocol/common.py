@@ -21,17 +21,15 @@ from secagg.crypto.keys import agree
 from secagg.encoding import Quantizer, WeightedEncoding
 from secagg.errors import ProtocolError
 from secagg.graph import GraphKind, check_threshold
-from secagg.paillier import SlotLayout
+from secagg.protocol.modes import MODES as MODES
+from secagg.protocol.modes import Mode as Mode
+from secagg.protocol.modes import check_mode as check_mode
+from secagg.protocol.modes import slot_layout as slot_layout
 from secagg.wire import Envelope, Limits, Message
 
 ThreatModel = Literal["honest-but-curious", "active"]
 THREAT_MODELS: tuple[ThreatModel, ...] = ("honest-but-curious", "active")
 GRAPH_KINDS: tuple[GraphKind, ...] = ("complete", "sparse")
-Mode = Literal["masking", "paillier", "hybrid"]
-MODES: tuple[Mode, ...] = ("masking", "paillier", "hybrid")
-"""How inputs are protected on their way up the tree (DESIGN sections 2 and 5):
-``masking`` adds pairwise and self masks; ``paillier`` encrypts under the server's
-Paillier key instead; ``hybrid`` encrypts the masked vectors."""
 
 CHANNEL = "channel"
 SHARE_KEYS = "share-keys"
@@ -70,29 +68,11 @@ class Encoder:
         return self.quantizer.encode(values, rng)
 
 
-def check_mode(mode: str, graph: str) -> None:
-    """ValueError (one line) unless ``mode`` is known and runs on ``graph``."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: mode must be one of {', '.join(MODES)}")
-    if mode == "paillier" and graph != "complete":
-        raise ValueError(f"paillier mode needs the complete graph, not {graph!r}: it has no "
-                         "masks and so no neighbour graph (the sparse graph is for masking "
-                         "and hybrid)")
-
-
-def slot_layout(*, key_bits: int, modulus_bits: int, peers: int) -> SlotLayout:
-    """How a round packs its ring elements into Paillier plaintexts: ``modulus_bits``
-    per value, room for the sum of all ``peers`` inputs in every slot."""
-    return SlotLayout(value_bits=modulus_bits, max_summands=peers, key_bits=key_bits)
-
-
-def round_limits(*, peers: int, dim: int, modulus_bits: int, layout: SlotLayout | None) -> Limits:
-    """Decoding limits for a round; ``layout`` is set in the paillier and hybrid modes."""
-    ciphertext_bytes = None
-    if layout is not None:
-        ciphertext_bytes = layout.ciphertext_count(dim) * layout.ciphertext_bytes
+def round_limits(*, peers: int, dim: int, modulus_bits: int,
+                 payload_bytes: int | None) -> Limits:
+    """Decoding limits for a round whose partial sums are ``payload_bytes`` long."""
     return Limits.for_round(max_peers=peers, dim=dim, modulus_bits=modulus_bits,
-                            ciphertext_bytes=ciphertext_bytes)
+                            payload_bytes=payload_bytes)
 
 
 def signed_keys_message(session: bytes, round: int, name: str, channel_key: bytes,

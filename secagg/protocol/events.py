@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from secagg.protocol.errors import DropReason as DropReason
 from secagg.wire import Envelope
 
 # --------------------------------------------------------------------------
@@ -25,6 +26,19 @@ class MessageReceived:
     """A decoded, validated frame arrived (from the server or from a peer)."""
 
     envelope: Envelope
+
+
+@dataclass(frozen=True)
+class FrameReceived:
+    """Raw bytes arrived; the protocol decodes them with its own limits.
+
+    ``origin`` is the name the driver has bound the connection to (``wire.SERVER``
+    for a peer's coordinator link, a peer name once a link is authenticated), or
+    ``""`` for a connection nobody has yet proven to own.
+    """
+
+    origin: str
+    frame: bytes
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,15 @@ class DeliveryFailed:
     envelope: Envelope
 
 
-Event = MessageReceived | TimerExpired | PeerGone | DeliveryFailed
+@dataclass(frozen=True)
+class PeerConnected:
+    """A connection opened; ``connection`` is the driver's token for it (``#...``)."""
+
+    connection: str
+
+
+Event = (MessageReceived | FrameReceived | TimerExpired | PeerGone | DeliveryFailed
+         | PeerConnected)
 
 
 # --------------------------------------------------------------------------
@@ -84,10 +106,29 @@ class CancelTimer:
 
 @dataclass(frozen=True)
 class Disconnect:
-    """Close the connection to ``name``: it misbehaved and is dropped for ``reason``."""
+    """Close the connection to ``name``: it misbehaved and is dropped for ``reason``.
+
+    ``detail`` is the human-readable cause (for the log and the close frame).
+    """
 
     name: str
-    reason: str
+    reason: DropReason
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Bind:
+    """The connection ``connection`` (a driver token) belongs to peer ``name`` from now
+    on: it registered (server side) or a frame from it authenticated (peer side)."""
+
+    connection: str
+    name: str
+
+
+def is_connection_token(name: str) -> bool:
+    """Driver tokens for connections nobody has proven to own start with ``#``, which
+    no peer name may contain."""
+    return name.startswith("#")
 
 
 @dataclass(frozen=True)
@@ -97,25 +138,11 @@ class RoundFinished:
     outcome: PeerOutcome | ServerOutcome
 
 
-Action = Send | SetTimer | CancelTimer | Disconnect | RoundFinished
+Action = Send | SetTimer | CancelTimer | Disconnect | Bind | RoundFinished
 
 
 # --------------------------------------------------------------------------
 # Outcomes and drop reasons
-
-
-class DropReason(StrEnum):
-    """Why a peer's input is missing from a round, or why it was cut off."""
-
-    NOT_REGISTERED = "not_registered"
-    NO_SHARE_REPORT = "no_share_report"
-    SHARE_DELIVERY_FAILED = "share_delivery_failed"
-    NO_MASKED_INPUT = "no_masked_input"
-    SIGNATURE_MISSING = "signature_missing"
-    UNMASK_SHARE_MISSING = "unmask_share_missing"
-    REFUSED = "refused"
-    BAD_MESSAGE = "bad_message"
-    DISCONNECTED = "disconnected"
 
 
 class Phase(StrEnum):
