@@ -11,14 +11,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -e '.[dev,fast,scenarios]'
+	$(PIP) install -e '.[dev,fast,scenarios,dp]'
 	touch $@
 
 # torch is installed as the local CPU build, pinned, before the project's extras:
 # an unpinned torch requirement could pull a multi-gigabyte GPU build.
 $(VENV)/.installed-torch: pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,fast,torch,scenarios]'
+	$(PIP) install -e '.[dev,fast,torch,scenarios,dp]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,9 +1,10 @@
 """``secagg-peer``: take part in secure-aggregation rounds with a vector from a file.
 
 ``--input`` is a .npy file: a 1-D array (the same input every round) or a 2-D
-array (one row per round). Exits 0 after the last round, non-zero with a
-one-line reason otherwise. Progress goes to stderr; no vector or secret is
-ever printed.
+array (one row per round). Progress goes to stderr; no vector or secret is ever
+printed. One line per round says how it ended; the exit status (defined in
+:mod:`secagg.cli_support`) is the most severe of the rounds' (ok, excluded,
+aborted), or says why the peer had to stop (lost the coordinator, rejected).
 """
 
 from __future__ import annotations
@@ -11,15 +12,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import ssl
 import sys
 from pathlib import Path
 
 import numpy as np
+from websockets.exceptions import InvalidURI
+from websockets.uri import parse_uri
 
 from peers.peer import Peer, PeerError
-from secagg.cli_support import OneLineParser, configure_logging
+from secagg.cli_support import (
+    PEER_EXIT_NOTE,
+    PEER_EXIT_STATUSES,
+    VERBOSE_HELP,
+    ExitStatus,
+    OneLineParser,
+    configure_logging,
+    exit_status_epilog,
+    os_error_text,
+    worse,
+)
 from secagg.errors import SecAggError
+from secagg.protocol import PeerOutcome
 
 log = logging.getLogger("secagg.peer.cli")
 
@@ -31,26 +46,62 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+DESCRIPTION = """\
+Take part in secure-aggregation rounds with a vector read from a .npy file: a 1-D
+array (the same input every round) or a 2-D array (one row per round). Prints one
+line per round to stderr; never prints a vector or a secret."""
+
+# Peer.contribute's reasons when the connection to the coordinator is gone: its
+# outcome's status is "aborted" (or "rejected" when no round was open), so only the
+# reason tells a dead coordinator from an aborted round or a rejection.
+LOST_REASONS = frozenset({"lost the connection to the server",
+                          "lost the connection to the coordinator",
+                          "the coordinator closed the connection"})
+
+# peers.Peer logs these at WARNING; the round line printed here says the same.
+ALREADY_PRINTED = (
+    ("secagg.peer", r"^\S+: rejected by the coordinator: "),
+    ("secagg.peer", r"^\S+: declines round \d+: "),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="secagg-peer", description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True, help="coordinator URL, ws://H:P or wss://H:P")
-    parser.add_argument("--id", required=True, dest="peer_id", help="this peer's unique id")
-    parser.add_argument("--input", required=True, type=Path, help=".npy file, 1-D or 2-D")
-    parser.add_argument("--weight", type=float, default=1.0)
+    parser = OneLineParser(prog="secagg-peer", description=DESCRIPTION,
+                           epilog=exit_status_epilog(PEER_EXIT_STATUSES, {
+                               ExitStatus.OK: "every round ended ok with this peer's input "
+                                              "in the aggregate",
+                           }, note=PEER_EXIT_NOTE))
+    parser.add_argument("--server", required=True, metavar="URL",
+                        help="the coordinator, ws://HOST:PORT or wss://HOST:PORT")
+    parser.add_argument("--id", required=True, dest="peer_id", metavar="ID",
+                        help="this peer's id, unique among the round's peers")
+    parser.add_argument("--input", required=True, type=Path, metavar="FILE",
+                        help=".npy file: 1-D (same vector every round) or 2-D (a row per "
+                             "round)")
+    parser.add_argument("--rounds", type=int, default=None, metavar="R",
+                        help="rounds to take part in; give the server's --rounds "
+                             "(default: 1 for a 1-D --input, its row count for a 2-D one)")
+    parser.add_argument("--weight", type=float, default=1.0, metavar="W",
+                        help="this peer's weight in a --weighted round (e.g. its sample "
+                             "count, at most the server's --max-weight); unweighted rounds "
+                             "ignore it")
     parser.add_argument("--mode", choices=["any", "masking", "paillier", "hybrid"],
                         default="any",
-                        help="take part only in rounds of this mode (default: any mode the "
-                             "coordinator runs)")
+                        help="take part only in rounds of this mode; any: whatever mode the "
+                             "coordinator runs")
     parser.add_argument("--listen", type=_listen_address, default=("127.0.0.1", 0),
-                        help="HOST:PORT of this peer's listener (port 0 picks one)")
+                        metavar="HOST:PORT",
+                        help="this peer's listener for other peers; port 0 picks one "
+                             "(default: 127.0.0.1:0)")
     parser.add_argument("--no-listen", action="store_true",
                         help="accept no connections (behind NAT): the coordinator forwards")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds to take part in (default: rows of a 2-D input, else 1)")
-    parser.add_argument("--tls-cert", type=Path, help="serve the listener over wss://")
-    parser.add_argument("--tls-key", type=Path)
-    parser.add_argument("--tls-ca", type=Path, help="CA bundle to verify wss:// endpoints")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="serve the listener over wss:// (default: plain ws://)")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE",
+                        help="private key of --tls-cert (default: none)")
+    parser.add_argument("--tls-ca", type=Path, metavar="FILE",
+                        help="CA bundle to verify wss:// endpoints (default: the system's)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     return parser
 
 
@@ -78,7 +129,28 @@ def load_inputs(path: Path, rounds: int | None) -> tuple[np.ndarray, int]:
     return data, count
 
 
-async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> int:
+def round_status(outcome: PeerOutcome, opened: bool = True) -> tuple[ExitStatus, str]:
+    """How one round ended for this peer: its exit status and the line to print.
+
+    ``opened``: whether this peer entered the round at all (it reported a phase).
+    """
+    reason = f" ({outcome.reason})" if outcome.reason else ""
+    if outcome.status == "ok":
+        if outcome.included:
+            return ExitStatus.OK, f"ok ({outcome.contributor_count} contributors)"
+        return ExitStatus.EXCLUDED, (f"excluded: the round ended ok ({outcome.contributor_count} "
+                                     f"contributors) without this peer's input{reason}")
+    if outcome.status == "excluded":
+        return ExitStatus.EXCLUDED, f"excluded{reason}"
+    if outcome.status in ("aborted", "rejected") and outcome.reason in LOST_REASONS:
+        return ExitStatus.LOST_SERVER, ("lost the connection to the coordinator" +
+                                        ("" if opened else " before the round opened"))
+    if outcome.status == "rejected":
+        return ExitStatus.REJECTED, f"rejected by the coordinator: {outcome.reason}"
+    return ExitStatus.ROUND_ABORTED, f"{outcome.status}{reason}"
+
+
+async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> ExitStatus:
     listener_ssl = client_ssl = None
     if args.tls_cert:
         listener_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -86,32 +158,65 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> 
     if args.tls_ca or args.server.startswith("wss://"):
         client_ssl = ssl.create_default_context(cafile=str(args.tls_ca) if args.tls_ca else None)
 
+    opened: set[int] = set()
+
     def progress(phase: str, round_number: int) -> None:
+        opened.add(round_number)
         log.info("round %d: %s", round_number, phase)
 
     listen = None if args.no_listen else args.listen
+    status = ExitStatus.OK
     async with Peer(args.server, args.peer_id, listen=listen, listener_ssl=listener_ssl,
                     client_ssl=client_ssl, progress=progress,
                     mode=None if args.mode == "any" else args.mode) as peer:
         for index in range(rounds):
             vector = data[index] if data.ndim == 2 else data
-            outcome = await peer.contribute(vector, weight=args.weight)
-            print(f"secagg-peer {args.peer_id}: round {outcome.round}: {outcome.status}"
-                  f"{' (' + outcome.reason + ')' if outcome.reason else ''}",
+            try:
+                outcome = await peer.contribute(vector, weight=args.weight)
+            except TimeoutError as exc:  # the coordinator stopped answering
+                message = str(exc).split(" (pass timeout=")[0]
+                print(f"secagg-peer: error: {message}", file=sys.stderr, flush=True)
+                return ExitStatus.LOST_SERVER
+            opened_round = outcome.round in opened
+            round_result, line = round_status(outcome, opened_round)
+            if round_result is ExitStatus.LOST_SERVER and index > 0 and not opened_round:
+                line += (f" (this peer's round {index + 1} of {rounds}; did the server run "
+                         f"fewer --rounds?)")
+            print(f"secagg-peer {args.peer_id}: round {outcome.round}: {line}",
                   file=sys.stderr, flush=True)
-            if outcome.status == "rejected":
-                print(f"secagg-peer: error: rejected by the coordinator: {outcome.reason}",
-                      file=sys.stderr)
-                return 3
-    return 0
+            status = worse(status, round_result)
+            if round_result in (ExitStatus.LOST_SERVER, ExitStatus.REJECTED):
+                break
+    return status
+
+
+async def until_signalled(args: argparse.Namespace, data: np.ndarray,
+                          rounds: int) -> ExitStatus:
+    """:func:`take_part`, ended cleanly (the peer closes its connections) by SIGINT or
+    SIGTERM."""
+    task = asyncio.ensure_future(take_part(args, data, rounds))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+        print("secagg-peer: interrupted", file=sys.stderr, flush=True)
+        return ExitStatus.INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, ALREADY_PRINTED)
     if not args.server.startswith(("ws://", "wss://")):
         parser.error(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
+    try:
+        parse_uri(args.server)
+    except (InvalidURI, ValueError) as exc:
+        parser.error(f"--server {args.server!r} is not a valid ws:// or wss:// URL ({exc})")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     try:
@@ -119,16 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return asyncio.run(take_part(args, data, rounds))
+        return int(asyncio.run(until_signalled(args, data, rounds)))
     except KeyboardInterrupt:
         print("secagg-peer: interrupted", file=sys.stderr)
-        return 130
-    except (PeerError, SecAggError, ValueError) as exc:
+        return int(ExitStatus.INTERRUPTED)
+    except PeerError as exc:  # the coordinator cannot be reached
         print(f"secagg-peer: error: {exc}", file=sys.stderr)
-        return 1
+        return int(ExitStatus.LOST_SERVER)
+    except (SecAggError, ValueError) as exc:
+        print(f"secagg-peer: error: {exc}", file=sys.stderr)
+        return int(ExitStatus.FAILED)
     except OSError as exc:
-        print(f"secagg-peer: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        print(f"secagg-peer: error: {os_error_text(exc)}", file=sys.stderr)
+        return int(ExitStatus.FAILED)
 
 
 if __name__ == "__main__":

@@ -21,30 +21,27 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from peers.links import LINK_WAIT, Connection, Links
 from secagg.crypto.keys import RandomBytes
 from secagg.crypto.signing import SigningKey
-from secagg.errors import CryptoError, EncodingError, ProtocolError, WireError
+from secagg.driver import ActionLoop, Outbox, OutboxFull, keepalive_seconds, set_keepalive
+from secagg.errors import EncodingError, WireError
 from secagg.protocol import (
-    CancelTimer,
     DeliveryFailed,
     MessageReceived,
     PeerGone,
     PeerOutcome,
     PeerProtocol,
-    RoundFinished,
-    Send,
-    SetTimer,
-    TimerExpired,
 )
-from secagg.protocol.common import MODES, Mode, round_limits, slot_layout
-from secagg.protocol.events import Action, Event
+from secagg.protocol.common import MODES, Mode, round_limits
+from secagg.protocol.events import Action, Bind, Disconnect, FrameReceived, Send
+from secagg.protocol.modes import round_mode, slot_layout
 from secagg.wire import (
     SERVER,
     EncryptedShares,
@@ -54,6 +51,7 @@ from secagg.wire import (
     PeerDropped,
     Rejected,
     RoundOpen,
+    Withdraw,
     decode,
     encode,
     validate_names,
@@ -64,47 +62,44 @@ log = logging.getLogger("secagg.peer")
 ProgressCallback = Callable[[str, int], None]
 """Called as ``progress(phase, round)`` whenever this peer's round changes phase."""
 
-# Frames a peer accepts before it knows the round's size (its roster); the wire
-# limits of the round apply on top once the roster is known.
+# The largest frame a peer accepts at all; each round's notice lowers it to what the
+# round can carry, and the wire limits of the round apply on top once the roster is known.
 DEFAULT_MAX_FRAME = 256 << 20
-# How long the higher-named peer of a pair waits for the other to open their
-# shared connection before opening one itself (R1 exchanges are symmetric).
-LINK_WAIT = 5.0
-MAX_EARLY_FRAMES = 4096
-PEER_CONNECT_ATTEMPTS = 2
+# Until a round is announced nothing large may arrive on a peer link.
+IDLE_FRAME_LIMIT = 64 << 10
+# Connections other peers may hold to our listener: the round's peers plus slack
+# (a roster of n peers has at most n - 1 neighbours and tree relatives).
+INCOMING_SLACK = 16
+MAX_EARLY_FRAMES = 256
+MAX_EARLY_BYTES = 64 << 20
+"""Frames of a round this peer has not started yet, kept until it starts (bounded)."""
+MAX_SERVER_OUTBOX = 1024
+IDLE_KEEPALIVE = 2.0  # the floor of secagg.driver.keepalive_seconds
+IDLE_SEND_TIMEOUT = 30.0
+ROUND_NOTICE_WAIT = 600.0
+"""How long ``contribute`` waits for the coordinator to open a round, by default."""
+ROUND_DEADLINES = 8
+"""How many phase deadlines ``contribute`` waits for an open round to end, by default:
+five phases, deadlines staggered within R2, and slack for the coordinator's follow-ups."""
 
-Connection = ClientConnection | ServerConnection
 
-
-async def _settle(task: asyncio.Task[None], timeout: float | None = None) -> None:
-    """Wait for one of our own tasks to end, whether it finishes, fails or was cancelled.
-
-    A CancelledError raised because *our caller* is being cancelled propagates.
-    """
-    try:
-        await asyncio.wait_for(asyncio.shield(task), timeout)
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise
-    except Exception:  # the task's own failure was logged where it happened
-        task.cancel()
+def check_input(vector: np.ndarray, weight: float) -> np.ndarray:
+    """The input as a float64 vector; ValueError naming the problem if it cannot be sent."""
+    values = np.asarray(vector, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"the input must be a 1-D vector, got shape {values.shape}")
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"the input has {int((~finite).sum())} non-finite coordinate(s) "
+                         f"(NaN or inf), the first at index {bad}: {values[bad]}")
+    if not (np.isfinite(weight) and weight >= 0):
+        raise ValueError(f"the weight must be finite and non-negative, got {weight}")
+    return values
 
 
 class PeerError(Exception):
     """The peer cannot take part (server unreachable, rejected, closed)."""
-
-
-@dataclass(eq=False)
-class _Link:
-    """A websocket to another peer (opened by either side) and its send queue."""
-
-    name: str
-    connection: Connection | None = None
-    outbox: asyncio.Queue[tuple[bytes, Envelope] | None] = field(
-        default_factory=asyncio.Queue)
-    writer: asyncio.Task[None] | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    abandoned: bool = False
 
 
 class Peer:
@@ -147,28 +142,35 @@ class Peer:
         self._attempts = max(1, connect_attempts)
         self._backoff = backoff
         self._max_frame = max_frame_bytes
-        self._frame_limit = max_frame_bytes
+        self._frame_limit = min(IDLE_FRAME_LIMIT, max_frame_bytes)
+        self._max_incoming = INCOMING_SLACK
         self._link_wait = link_wait
         self._random_bytes = random_bytes
         self.address = ""
+        # Until a round says how long its phases are, pings go every IDLE_KEEPALIVE s.
+        self._keepalive = IDLE_KEEPALIVE
+        self._send_timeout = IDLE_SEND_TIMEOUT
         self._listener: Server | None = None
         self._server: ClientConnection | None = None
         self._server_reader: asyncio.Task[None] | None = None
-        self._server_outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._server_writer: asyncio.Task[None] | None = None
-        self._links: dict[str, _Link] = {}
-        self._link_tasks: set[asyncio.Task[None]] = set()
-        self._incoming: set[ServerConnection] = set()
+        self._server_outbox: Outbox | None = None
+        self._links = Links(own_name=peer_id, dial=self._connect, forward=self._forward_via_server,
+                            delivery_failed=self._delivery_failed, reader=self._read_link,
+                            on_sent=self._count_out)
+        self._incoming: dict[str, Connection] = {}
+        """Connections other peers opened to our listener, by token (``#1``, ...)."""
+        self._next_token = 0
         self._round_open: Envelope | None = None
         self._round_event = asyncio.Event()
         self._rejected: str | None = None
         self._server_closed = False
         self._protocol: PeerProtocol | None = None
-        self._outcome: asyncio.Future[PeerOutcome] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._early: list[tuple[bytes, Connection | None]] = []
+        self._loop = ActionLoop(peer_id, send=self._send, disconnect=self._disconnect,
+                                bind=self._bind, on_phase=self._on_phase,
+                                on_internal_error=self._internal_error)
+        self._early: list[tuple[bytes, str]] = []
+        self._early_bytes = 0
         self._last_round = -1
-        self._reported_state = ""
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -190,15 +192,22 @@ class Peer:
             host, port = self._listen
             self._listener = await serve(
                 self._serve_link, host, port, compression=None, max_size=self._max_frame,
-                ssl=self._listener_ssl)
+                ssl=self._listener_ssl, ping_interval=IDLE_KEEPALIVE,
+                ping_timeout=IDLE_KEEPALIVE)
             bound = next(iter(self._listener.sockets)).getsockname()
             scheme = "wss" if self._listener_ssl else "ws"
             self.address = f"{scheme}://{self._advertise_host or host}:{bound[1]}"
+            self._links.own_address = self.address
         self._server = await self._connect(self.server_url)
         if self._server is None:
             raise PeerError(f"cannot reach the coordinator at {self.server_url}")
-        self._server_reader = asyncio.create_task(self._read_server(self._server))
-        self._server_writer = asyncio.create_task(self._write_server(self._server))
+        server = self._server
+        self._server_outbox = Outbox(server.send, max_frames=MAX_SERVER_OUTBOX,
+                                     send_timeout=self._send_timeout,
+                                     on_sent=self._count_out,
+                                     on_stuck=server.transport.abort)
+        self._server_outbox.start()
+        self._server_reader = asyncio.create_task(self._read_server(server))
 
     def crash(self) -> None:
         """Die abruptly, as a killed process would: abort every socket, say nothing.
@@ -208,95 +217,129 @@ class Peer:
         to release the tasks.
         """
         self._protocol = None
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        connections: list[Connection] = [*self._incoming]
+        self._loop.abandon()
+        connections: list[Connection] = [*self._incoming.values(),
+                                         *self._links.connections()]
         if self._server is not None:
             connections.append(self._server)
-        connections += [link.connection for link in self._links.values()
-                        if link.connection is not None]
         for connection in connections:
             connection.transport.abort()
         # Nothing queued or half-connected may leave after death.
-        for task in [*self._link_tasks, self._server_writer,
-                     *(link.writer for link in self._links.values())]:
-            if task is not None:
-                task.cancel()
+        self._links.crash()
+        if self._server_outbox is not None:
+            self._server_outbox.cancel()
         if self._listener is not None:
             self._listener.close()
-        if self._outcome is not None and not self._outcome.done():
-            self._outcome.cancel()
 
     async def close(self) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        self._server_outbox.put_nowait(None)
-        if self._server_writer is not None:
-            await _settle(self._server_writer, timeout=2)
+        self._loop.stop()
+        if self._server_outbox is not None:
+            await self._server_outbox.drain(2)
         if self._server is not None:
             await self._server.close()
         if self._server_reader is not None:
             self._server_reader.cancel()
-            await _settle(self._server_reader)
-        for link in list(self._links.values()):
-            link.outbox.put_nowait(None)
-        for task in list(self._link_tasks):
-            task.cancel()
-        for task in list(self._link_tasks):
-            await _settle(task)
-        for link in list(self._links.values()):
-            if link.writer is not None:
-                link.writer.cancel()
-                await _settle(link.writer)
-            if link.connection is not None:
-                await link.connection.close()
-        self._links.clear()
-        for incoming in list(self._incoming):
+            with contextlib.suppress(BaseException):
+                await self._server_reader
+        await self._links.close()
+        for incoming in list(self._incoming.values()):
             await incoming.close()
         if self._listener is not None:
             self._listener.close()
             await self._listener.wait_closed()
             self._listener = None
-        if self._outcome is not None and not self._outcome.done():
-            self._outcome.cancel()
+        self._loop.abandon()
 
     # ---------------------------------------------------------------- API
 
-    async def contribute(self, vector: np.ndarray, weight: float = 1.0) -> PeerOutcome:
-        """Take part in the next round with ``vector``; return how the round ended."""
+    async def contribute(self, vector: np.ndarray, weight: float = 1.0, *,
+                         timeout: float | None = None) -> PeerOutcome:
+        """Take part in the next round with ``vector``; return how the round ended.
+
+        ``vector`` must be 1-D and finite and ``weight`` finite and non-negative
+        (ValueError before anything is sent). If the announced round expects another
+        length, the peer withdraws from it (the coordinator drops it at once instead
+        of waiting for it) and raises ValueError.
+
+        ``timeout`` bounds the whole call (TimeoutError). By default the peer waits
+        at most ``ROUND_NOTICE_WAIT`` seconds for a round to open and then at most
+        ``ROUND_DEADLINES`` phase deadlines of that round for its end.
+        """
         if self._protocol is not None and not self._protocol.finished:
             raise PeerError("a round is already in progress for this peer")
-        vector = np.asarray(vector, dtype=np.float64)
-        open_round = await self._next_round()
+        vector = check_input(vector, weight)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._contribute(vector, weight, bounded=timeout is None)
+        except TimeoutError:
+            self._give_up()
+            raise TimeoutError(f"{self.peer_id}: no round ended within the {timeout} s "
+                               "allowed (timeout=)") from None
+
+    async def _contribute(self, vector: np.ndarray, weight: float, *,
+                          bounded: bool) -> PeerOutcome:
+        try:
+            async with asyncio.timeout(ROUND_NOTICE_WAIT if bounded else None):
+                open_round = await self._next_round()
+        except TimeoutError:
+            raise TimeoutError(f"{self.peer_id}: the coordinator opened no round within "
+                               f"{ROUND_NOTICE_WAIT:.0f} s (pass timeout= to wait longer)"
+                               ) from None
         if open_round is None:
+            if self._server_closed and self._rejected is None:
+                return PeerOutcome(status="aborted", round=self._last_round + 1,
+                                   reason="lost the connection to the coordinator")
             reason = self._rejected or "the coordinator closed the connection"
             return PeerOutcome(status="rejected", round=self._last_round + 1, reason=reason)
         notice = open_round.body
         assert isinstance(notice, RoundOpen)
-        if vector.ndim != 1 or vector.shape[0] != notice.dim:
-            raise ValueError(f"the round expects a vector of {notice.dim} coordinates, got "
-                             f"shape {vector.shape}")
         self._last_round = open_round.round
+        if vector.shape[0] != notice.dim:
+            reason = (f"the round expects a vector of {notice.dim} coordinates, got "
+                      f"{vector.shape[0]}")
+            self._withdraw(open_round, reason)
+            raise ValueError(reason)
         if self.mode is not None and notice.mode != self.mode:
             # Decline before registering, so the round is not held up by a peer that
             # would only abort when the roster comes.
             reason = (f"the round runs in {notice.mode} mode, this peer takes part only in "
                       f"{self.mode} mode")
             log.warning("%s: declines round %d: %s", self.peer_id, open_round.round, reason)
+            self._withdraw(open_round, reason)
             return PeerOutcome(status="aborted", round=open_round.round, reason=reason)
         protocol = PeerProtocol(self.peer_id, address=self.address,
                                 random_bytes=self._random_bytes, identity=self._identity,
                                 trusted_identities=self._trusted, mode=self.mode)
         self._protocol = protocol
-        self._outcome = asyncio.get_running_loop().create_future()
-        self._report_progress()
-        self._apply(protocol.start(open_round.session, open_round.round, vector, weight))
-        early, self._early = self._early, []
-        for frame, connection in early:
-            self._on_peer_frame(frame, connection)
-        return await self._outcome
+        self._links.patience = self._link_wait
+        finished = self._loop.begin(protocol, protocol.start(
+            open_round.session, open_round.round, vector, weight))
+        early, self._early, self._early_bytes = self._early, [], 0
+        for frame, origin in early:
+            self._on_peer_frame(frame, origin)
+        round_limit = None
+        if bounded and notice.phase_timeout > 0:
+            round_limit = ROUND_DEADLINES * notice.phase_timeout
+        try:
+            async with asyncio.timeout(round_limit):
+                outcome = await asyncio.shield(finished)
+        except TimeoutError:
+            raise TimeoutError(f"{self.peer_id}: round {open_round.round} did not end within "
+                               f"{ROUND_DEADLINES} phase deadlines ({round_limit:.0f} s)"
+                               ) from None
+        assert isinstance(outcome, PeerOutcome)
+        return outcome
+
+    def _withdraw(self, open_round: Envelope, reason: str) -> None:
+        """Tell the coordinator not to wait for us in this round."""
+        self._send_to_server(Envelope(session=open_round.session, round=open_round.round,
+                                      sender=self.peer_id, body=Withdraw(reason=reason[:500])))
+
+    def _give_up(self) -> None:
+        """Leave a round we stopped waiting for: forget it, as a crash would locally."""
+        protocol = self._protocol
+        if protocol is not None and not protocol.finished:
+            self._loop.abandon()
 
     # ------------------------------------------------------ the server link
 
@@ -308,7 +351,9 @@ class Peer:
             try:
                 return await connect(url, compression=None, max_size=self._max_frame,
                                      ssl=self._client_ssl if url.startswith("wss") else None,
-                                     proxy=None, open_timeout=10)
+                                     proxy=None, open_timeout=10,
+                                     ping_interval=self._keepalive,
+                                     ping_timeout=self._keepalive)
             except InvalidURI as exc:
                 raise PeerError(f"invalid URL {url!r}: {exc}") from None
             except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -330,34 +375,23 @@ class Peer:
         finally:
             self._server_closed = True
             self._round_event.set()
-            self._feed(PeerGone(SERVER))
-
-    async def _write_server(self, connection: ClientConnection) -> None:
-        while True:
-            frame = await self._server_outbox.get()
-            if frame is None:
-                return
-            try:
-                await connection.send(frame)
-                self.bytes_sent += len(frame)
-            except ConnectionClosed:
-                return
+            self._loop.feed(PeerGone(SERVER))
 
     def _round_frame_limit(self, notice: RoundOpen) -> int:
         """The largest peer-to-peer frame of the announced round (worst case: weighted,
         64-bit ring, encrypted in the paillier and hybrid modes)."""
         peers, dim = max(notice.max_peers, 1), notice.dim + 1
-        layout = None
-        if notice.mode != "masking":
-            try:
+        payload_bytes = None
+        try:
+            if round_mode(notice.mode).encrypts:
                 layout = slot_layout(key_bits=notice.paillier_key_bits, modulus_bits=64,
                                      peers=peers)
-            except EncodingError as exc:
-                log.warning("%s: the round notice has unusable Paillier parameters (%s)",
-                            self.peer_id, exc)
-                return self._max_frame
+                payload_bytes = layout.ciphertext_count(dim) * layout.ciphertext_bytes
+        except (EncodingError, ValueError) as exc:
+            log.warning("%s: the round notice has unusable parameters (%s)", self.peer_id, exc)
+            return self._max_frame
         return round_limits(peers=peers, dim=dim, modulus_bits=64,
-                            layout=layout).max_frame_bytes
+                            payload_bytes=payload_bytes).max_frame_bytes
 
     def _on_server_frame(self, frame: bytes) -> None:
         protocol = self._protocol
@@ -365,10 +399,8 @@ class Peer:
         # (a finished round's roster size must not constrain the next round's notices).
         try:
             env = decode(frame, Limits(max_frame_bytes=self._max_frame))
-        except WireError as exc:
-            log.warning("%s: malformed frame from the coordinator: %s", self.peer_id, exc)
-            if protocol is not None and not protocol.finished:
-                self._apply(protocol.handle(PeerGone(SERVER)))
+        except WireError:
+            self._loop.feed(FrameReceived(SERVER, frame))  # the protocol says what is wrong
             return
         if env.sender != SERVER:
             log.warning("%s: frame on the coordinator link claims sender %r", self.peer_id,
@@ -378,17 +410,27 @@ class Peer:
         if isinstance(body, RoundOpen):
             # Size the peer links' frame limit from the round (the wire limits of the
             # round apply on top once the roster is known).
-            self._frame_limit = self._round_frame_limit(body)
+            self._frame_limit = min(self._round_frame_limit(body), self._max_frame)
+            self._max_incoming = body.max_peers + INCOMING_SLACK
+            if body.phase_timeout > 0:
+                self._keepalive = keepalive_seconds(body.phase_timeout)
+                self._send_timeout = body.phase_timeout
+                self._links.send_timeout = body.phase_timeout
+                if self._server_outbox is not None:
+                    self._server_outbox.send_timeout = body.phase_timeout
+            for connection in [*self._peer_connections(), self._server]:
+                if connection is not None:
+                    set_keepalive(connection, self._keepalive)
             for connection in self._peer_connections():
                 self._limit_frames(connection)
             self._round_open = env
             self._round_event.set()
             return
         if isinstance(body, Forward):
-            self._on_peer_frame(body.frame, None)
+            self._on_peer_frame(body.frame, "")
             return
         if isinstance(body, PeerDropped) and protocol is not None:
-            self._abandon_link(protocol.name_of(body.peer))
+            self._links.abandon(protocol.name_of(body.peer))
         if isinstance(body, Rejected) and (protocol is None or protocol.finished):
             log.warning("%s: rejected by the coordinator: %s", self.peer_id, body.reason)
             self._rejected = body.reason
@@ -397,7 +439,7 @@ class Peer:
         if protocol is None or env.round != protocol.round:
             log.info("%s: ignoring %s for round %d", self.peer_id, env.type, env.round)
             return
-        self._feed(MessageReceived(env))
+        self._loop.feed(MessageReceived(env, origin=SERVER))
 
     async def _next_round(self) -> Envelope | None:
         while True:
@@ -413,113 +455,92 @@ class Peer:
     # ------------------------------------------------------- peer links
 
     def _peer_connections(self) -> list[Connection]:
-        links = [link.connection for link in self._links.values()
-                 if link.connection is not None]
-        return [*self._incoming, *links]
+        return [*self._incoming.values(), *self._links.connections()]
 
     def _limit_frames(self, connection: Connection) -> None:
         connection.protocol.max_message_size = self._frame_limit
 
     async def _serve_link(self, connection: ServerConnection) -> None:
-        self._incoming.add(connection)
+        if len(self._incoming) >= self._max_incoming:
+            log.warning("%s: refusing a peer connection: %d are open already", self.peer_id,
+                        len(self._incoming))
+            await connection.close(code=1013, reason="too many connections")
+            return
+        self._next_token += 1
+        token = f"#{self._next_token}"
+        self._incoming[token] = connection
         self._limit_frames(connection)
+        set_keepalive(connection, self._keepalive)
         try:
             async for frame in connection:
                 if isinstance(frame, str):
                     log.warning("%s: text frame on a peer link; closing it", self.peer_id)
                     break
                 self.bytes_received += len(frame)
-                if not self._on_peer_frame(frame, connection):
-                    break
+                self._on_peer_frame(frame, self._origin_of(token))
+                if token not in self._incoming:
+                    break  # the protocol cut it off
         except ConnectionClosed:
             pass
         finally:
-            self._incoming.discard(connection)
+            self._incoming.pop(token, None)
             self._on_link_closed(connection)
 
-    def _on_peer_frame(self, frame: bytes, connection: Connection | None) -> bool:
-        """Handle a frame from a peer (direct, or forwarded by the coordinator)."""
+    def _origin_of(self, token: str) -> str:
+        """The name a connection is bound to, else its token."""
+        connection = self._incoming.get(token)
+        for link in self._links.by_name.values():
+            if connection is not None and link.connection is connection:
+                return link.name
+        return token
+
+    async def _read_link(self, name: str, connection: ClientConnection) -> None:
+        try:
+            async for frame in connection:
+                if isinstance(frame, bytes):
+                    self.bytes_received += len(frame)
+                    self._on_peer_frame(frame, name)
+                    if self._links.by_name.get(name) is None:
+                        break  # the protocol cut it off
+        except ConnectionClosed:
+            pass
+        finally:
+            self._on_link_closed(connection)
+            await connection.close()
+
+    def _on_peer_frame(self, frame: bytes, origin: str) -> None:
+        """Handle a frame from a peer (direct, or forwarded by the coordinator: origin "")."""
         protocol = self._protocol
         if protocol is None or protocol.finished:
-            # A neighbour is already in the next round: keep the frame until ours starts.
-            if len(self._early) < MAX_EARLY_FRAMES:
-                self._early.append((frame, connection))
-            return True
+            self._keep_early(frame, origin)
+            return
         try:
             env = decode(frame, protocol.limits())
-        except WireError as exc:
-            log.warning("%s: malformed peer frame: %s", self.peer_id, exc)
-            return False
-        if env.sender == SERVER or env.sender == self.peer_id:
-            log.warning("%s: peer frame with impossible sender %r", self.peer_id, env.sender)
-            return False
-        if env.round > protocol.round:
-            self._early.append((frame, connection))
-            return True
-        try:
-            actions = protocol.handle(MessageReceived(env))
-        except (ProtocolError, CryptoError, WireError) as exc:
-            log.warning("%s: rejected %s from %r: %s", self.peer_id, env.type, env.sender, exc)
-            return False
-        except Exception:
-            log.exception("%s: internal error handling %s from %r", self.peer_id, env.type,
-                          env.sender)
-            return False
-        if connection is not None:
-            self._bind(env.sender, connection)
-        self._apply(actions)
-        return True
+        except WireError:
+            self._loop.feed(FrameReceived(origin, frame))  # the protocol says what is wrong
+            return
+        if env.round > protocol.round and env.session == protocol.session:
+            self._keep_early(frame, origin)
+            return
+        self._loop.feed(MessageReceived(env, origin=origin))
 
-    def _bind(self, name: str, connection: Connection) -> None:
-        """Reuse an authenticated incoming connection for our frames to ``name``."""
-        link = self._links.get(name)
-        if link is None:
-            link = _Link(name=name)
-            self._links[name] = link
-        if link.connection is None:
-            link.connection = connection
-            link.writer = asyncio.create_task(self._write_link(link))
-            link.ready.set()
-
-    def _abandon_link(self, name: str | None) -> None:
-        """Stop waiting for (or trying) a connection to a peer known to be gone."""
-        link = self._links.get(name or "")
-        if link is not None and link.connection is None:
-            del self._links[link.name]
-            link.abandoned = True
-            link.ready.set()
-            self._fail_queued(link)
+    def _keep_early(self, frame: bytes, origin: str) -> None:
+        # A neighbour is already in the next round: keep the frame until ours starts.
+        if len(self._early) >= MAX_EARLY_FRAMES or \
+                self._early_bytes + len(frame) > MAX_EARLY_BYTES:
+            log.warning("%s: too many frames for a round not started yet; dropping one from "
+                        "%s", self.peer_id, origin or "the coordinator")
+            return
+        self._early.append((frame, origin))
+        self._early_bytes += len(frame)
 
     def _on_link_closed(self, connection: Connection) -> None:
-        for name, link in list(self._links.items()):
-            if link.connection is connection:
-                del self._links[name]
-                link.outbox.put_nowait(None)
-                self._feed(PeerGone(name))
+        for name in self._links.closed(connection):
+            self._loop.feed(PeerGone(name))
 
-    def _send_to_peer(self, action: Send) -> None:
-        frame = encode(action.envelope)
-        link = self._links.get(action.recipient)
-        if link is None:
-            exchange = isinstance(action.envelope.body, EncryptedShares)
-            if not action.address and not exchange:
-                self._forward_via_server(action.recipient, action.envelope, frame)
-                return
-            # One connection per pair. In the symmetric R1 exchange the pair's
-            # connection is opened by the lower-named peer, or by the one without a
-            # listener (the only one that can); the other waits for it.
-            if exchange and not action.address and not self.address:
-                # Neither side can be dialled: the coordinator forwards, at once.
-                self._forward_via_server(action.recipient, action.envelope, frame)
-                return
-            wait = exchange and (not action.address or (
-                bool(self.address) and self.peer_id > action.recipient))
-            link = _Link(name=action.recipient)
-            self._links[action.recipient] = link
-            task = asyncio.create_task(self._open_link(link, action.address, wait))
-            self._link_tasks.add(task)
-            task.add_done_callback(self._link_tasks.discard)
-        link.outbox.put_nowait((frame, action.envelope))
+    def _delivery_failed(self, name: str, envelopes: list[Envelope]) -> None:
+        for envelope in envelopes:
+            self._loop.feed(DeliveryFailed(name, envelope))
 
     def _forward_via_server(self, recipient: str, envelope: Envelope, frame: bytes) -> None:
         # The recipient has no listener: the coordinator forwards the sealed frame.
@@ -527,141 +548,56 @@ class Peer:
                                       sender=self.peer_id,
                                       body=Forward(recipient=recipient, frame=frame)))
 
-    async def _open_link(self, link: _Link, address: str, wait_for_incoming: bool) -> None:
-        if wait_for_incoming:
-            # Wait long: a peer that died is announced by the coordinator (PeerDropped),
-            # which ends the wait; dialling early would open a second connection.
-            patience = self._link_wait
-            if self._protocol is not None:
-                patience = max(patience, 0.6 * self._protocol.phase_timeout)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.ready.wait(), patience)
-            if link.ready.is_set():
-                return
-        if link.abandoned:
-            return
-        # A peer whose listener refuses mid-round is most likely dead: retry once, briefly
-        # (its children re-route to the next ancestor as soon as we give up).
-        connection = await self._connect(address, PEER_CONNECT_ATTEMPTS) if address else None
-        if link.ready.is_set():  # an incoming connection won the race, or the peer left
-            if connection is not None:
-                await connection.close()
-            return
-        if connection is None:
-            if self._links.get(link.name) is link:
-                del self._links[link.name]
-            if not address:
-                while not link.outbox.empty():
-                    item = link.outbox.get_nowait()
-                    if item is not None:
-                        self._forward_via_server(link.name, item[1], item[0])
-                return
-            self._fail_queued(link)
-            return
-        link.connection = connection
-        self._limit_frames(connection)
-        link.writer = asyncio.create_task(self._write_link(link))
-        link.ready.set()
-        reader = asyncio.create_task(self._read_link(link.name, connection))
-        self._link_tasks.add(reader)
-        reader.add_done_callback(self._link_tasks.discard)
-
-    async def _read_link(self, name: str, connection: ClientConnection) -> None:
-        try:
-            async for frame in connection:
-                if isinstance(frame, bytes):
-                    self.bytes_received += len(frame)
-                    if not self._on_peer_frame(frame, connection):
-                        break
-        except ConnectionClosed:
-            pass
-        finally:
-            self._on_link_closed(connection)
-            await connection.close()
-
-    async def _write_link(self, link: _Link) -> None:
-        assert link.connection is not None
-        while True:
-            item = await link.outbox.get()
-            if item is None:
-                return
-            frame, envelope = item
-            try:
-                await link.connection.send(frame)
-                self.bytes_sent += len(frame)
-            except ConnectionClosed:
-                self._feed(DeliveryFailed(link.name, envelope))
-                self._fail_queued(link)
-                return
-
-    def _fail_queued(self, link: _Link) -> None:
-        while not link.outbox.empty():
-            item = link.outbox.get_nowait()
-            if item is not None:
-                self._feed(DeliveryFailed(link.name, item[1]))
-
     # ------------------------------------------------------------ actions
 
-    def _feed(self, event: Event) -> None:
-        protocol = self._protocol
-        if protocol is None or protocol.finished:
+    def _send(self, action: Send) -> None:
+        if action.recipient == SERVER:
+            self._send_to_server(action.envelope)
             return
-        try:
-            actions = protocol.handle(event)
-        except (ProtocolError, CryptoError, WireError) as exc:
-            log.warning("%s: %s", self.peer_id, exc)
-            if isinstance(event, MessageReceived) and event.envelope.sender == SERVER:
-                # We cannot follow the coordinator any more: leave the round.
-                actions = protocol.handle(PeerGone(SERVER))
-            else:
-                return
-        except Exception:
-            log.exception("%s: internal error handling %r", self.peer_id, type(event).__name__)
-            actions = protocol.handle(PeerGone(SERVER))
-        self._apply(actions)
-
-    def _apply(self, actions: list[Action]) -> None:
         protocol = self._protocol
-        for action in actions:
-            if isinstance(action, Send):
-                if action.recipient == SERVER:
-                    self._send_to_server(action.envelope)
-                else:
-                    self._send_to_peer(action)
-            elif isinstance(action, SetTimer):
-                self._set_timer(action.name, action.delay)
-            elif isinstance(action, CancelTimer):
-                handle = self._timers.pop(action.name, None)
-                if handle is not None:
-                    handle.cancel()
-            elif isinstance(action, RoundFinished):
-                assert isinstance(action.outcome, PeerOutcome)
-                if self._outcome is not None and not self._outcome.done():
-                    self._outcome.set_result(action.outcome)
-        if protocol is not None and protocol.state != self._reported_state:
-            self._report_progress()
+        if protocol is not None:
+            self._links.patience = max(self._link_wait, 0.6 * protocol.phase_timeout)
+        self._links.send(action.recipient, action.address, action.envelope,
+                         encode(action.envelope),
+                         exchange=isinstance(action.envelope.body, EncryptedShares))
 
     def _send_to_server(self, envelope: Envelope) -> None:
-        self._server_outbox.put_nowait(encode(envelope))
+        if self._server_outbox is None:
+            return
+        try:
+            self._server_outbox.put(encode(envelope))
+        except OutboxFull as exc:
+            log.warning("%s: the coordinator is not reading (%s)", self.peer_id, exc)
+            # Not now: we may be carrying out the protocol's actions at this moment.
+            asyncio.get_running_loop().call_soon(self._loop.feed, PeerGone(SERVER))
 
-    def _set_timer(self, name: str, delay: float) -> None:
-        old = self._timers.pop(name, None)
-        if old is not None:
-            old.cancel()
+    def _disconnect(self, action: Disconnect) -> None:
+        log.warning("%s: closing the connection of %s: %s: %s", self.peer_id, action.name,
+                    action.reason.value, action.detail)
+        if action.name == SERVER:
+            return  # the protocol ended the round; the session link stays for the next
+        connection = self._incoming.pop(action.name, None) or \
+            self._links.close_link(action.name)
+        if connection is not None:
+            closing = asyncio.ensure_future(connection.close(
+                code=1008, reason=(action.detail or "")[:120]))
+            self._links.tasks.add(closing)
+            closing.add_done_callback(self._links.tasks.discard)
+
+    def _bind(self, action: Bind) -> None:
+        connection = self._incoming.get(action.connection)
+        if connection is not None:
+            self._links.bind(action.name, connection)
+
+    def _on_phase(self, old: str, new: str, seconds: float) -> None:
         protocol = self._protocol
+        if self._progress is not None and protocol is not None:
+            self._progress(new, protocol.round)
 
-        def fire() -> None:
-            self._timers.pop(name, None)
-            if protocol is self._protocol:
-                self._feed(TimerExpired(name))
+    def _internal_error(self) -> list[Action]:
+        # A bug in secagg, not bad input: leave this round (the log has the traceback).
+        protocol = self._protocol
+        return protocol.handle(PeerGone(SERVER)) if protocol is not None else []
 
-        self._timers[name] = asyncio.get_running_loop().call_later(delay, fire)
-
-    def _report_progress(self) -> None:
-        if self._protocol is not None:
-            self._reported_state = str(self._protocol.state)
-        if self._progress is not None and self._protocol is not None:
-            try:
-                self._progress(str(self._protocol.state), self._protocol.round)
-            except Exception:  # an app's callback must not break the round
-                log.exception("%s: progress callback failed", self.peer_id)
+    def _count_out(self, size: int) -> None:
+        self.bytes_sent += size

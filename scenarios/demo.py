@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from peers import Peer
+from secagg.cli_support import HelpFormatter
 from secagg.protocol import PeerOutcome
 from secagg.protocol.common import MODES, Mode
 from secagg.sim import run_round
@@ -164,13 +165,15 @@ def run_simulated(n: int, dim: int, seed: int, mode: Mode = "masking") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="secagg demo: peers dropping mid-round")
-    parser.add_argument("--peers", type=int, default=12)
-    parser.add_argument("--dim", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=7)
+    parser = argparse.ArgumentParser(prog="python -m scenarios.demo",
+                                     formatter_class=HelpFormatter,
+                                     description="secagg demo: peers dropping mid-round")
+    parser.add_argument("--peers", type=int, default=12, help="peers in the round, at least 9")
+    parser.add_argument("--dim", type=int, default=6, help="coordinates per input")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the inputs")
     parser.add_argument("--sim", action="store_true", help="use the in-memory simulator")
     parser.add_argument("--mode", choices=MODES, default="masking",
-                        help="how inputs are protected (default masking)")
+                        help="how inputs are protected")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every protocol step to stderr")
     args = parser.parse_args(argv)
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dim must be positive")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(name)s %(levelname)s %(message)s")
+    # A line per websocket opened or closed would drown the protocol's own.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     if args.sim:
         return run_simulated(args.peers, args.dim, args.seed, args.mode)
     return asyncio.run(run_network(args.peers, args.dim, args.seed, args.mode))

@@ -7,6 +7,12 @@ peers chosen at random drop at phase p, and one round is run with the threshold
 dropped peer gets one of those four at random. Rate 0 is run once per n and seed
 (phase ``none``) and serves as every phase's baseline.
 
+Rates: by default a coarse grid (0, 0.25, 0.6 over the simulator) plus, at each
+n, the two rates either side of the cliff where rounds stop succeeding: (n - t)/n,
+the most drops a round survives, and (n - t + 1)/n (:func:`rate_grid`). The cliff
+is a single drop wide, so a uniform grid would either miss it or cost many rounds.
+``--rates`` sweeps exactly the given rates at every n.
+
 Transports:
 
 * ``--transport sim`` (default): the in-memory simulator :mod:`secagg.sim`, for
@@ -36,10 +42,14 @@ time, bytes (most sent by one peer; received by the server), and the set sizes.
 unmask), else ``abort``; a cell that aborts although ``ok`` was expected is flagged.
 
 Outputs in ``--out`` (default ``results/dropouts``): ``report.json`` (configuration,
-one entry per cell and per run), ``success_vs_rate.png``, ``time_vs_n.png`` and
-``bytes_vs_n.png``; a summary table on the terminal. Exit status 1 if an ok round
-was not exact, a peer scripted to die before sending its input was counted, or a
-run failed with an error; aborted rounds are outcomes, not failures.
+one entry per cell and per run), ``success_vs_rate.png`` (success rate against the
+fraction of peers dropped, drawn as steps: drops are whole peers), ``time_vs_n.png``
+and ``bytes_vs_n.png`` (means over the ok rounds at every rate > 0, per phase, and
+over the rounds without drops); a summary table on the terminal, whose notes give
+each cell's abort reasons (runs that differ only in numbers merged into ranges).
+Exit status 1 if an ok round was not exact, a peer scripted to die before sending
+its input was counted, or a run failed with an error; aborted rounds are outcomes,
+not failures.
 
     python -m scenarios.dropouts                         # sim: n = 20, 50, 100
     python -m scenarios.dropouts --transport websockets  # n = 10, 20, 30 on loopback
@@ -60,7 +70,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +93,7 @@ from scenarios.common import (
     run_network_rounds,
     run_sim_round,
 )
+from secagg.cli_support import HelpFormatter
 from secagg.graph import GraphKind
 from secagg.sim import PHASES
 
@@ -92,15 +103,17 @@ PHASE_CHOICES = (*PHASES, RANDOM)
 TRANSPORTS = ("sim", "websockets")
 GRAPHS = ("complete", "sparse")
 
+# "rates" are swept at every n; with "cliff", each n also gets the two rates either
+# side of its success cliff, (n - t)/n and (n - t + 1)/n (see rate_grid).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "sim": {"peers": [20, 50, 100], "rates": [0.0, 0.1, 0.3, 0.5], "seeds": 3, "dim": 100,
-            "fan_in": 8, "phase_timeout": 10.0},
-    "websockets": {"peers": [10, 20, 30], "rates": [0.0, 0.1, 0.3, 0.5], "seeds": 2,
+    "sim": {"peers": [20, 50, 100], "rates": [0.0, 0.25, 0.6], "cliff": True,
+            "seeds": 2, "dim": 100, "fan_in": 8, "phase_timeout": 10.0},
+    "websockets": {"peers": [10, 20, 30], "rates": [0.0, 0.2], "cliff": True, "seeds": 2,
                    "dim": 100, "fan_in": 3, "phase_timeout": 5.0},
 }
 QUICK: dict[str, dict[str, Any]] = {
-    "sim": {"peers": [10, 20], "rates": [0.0, 0.2, 0.6], "seeds": 1, "dim": 16},
-    "websockets": {"peers": [8], "rates": [0.0, 0.25], "seeds": 1, "dim": 8,
+    "sim": {"peers": [10, 20], "rates": [0.0], "cliff": True, "seeds": 1, "dim": 16},
+    "websockets": {"peers": [8], "rates": [0.0, 0.25], "cliff": False, "seeds": 1, "dim": 8,
                    "phase_timeout": 3.0},
 }
 WEBSOCKET_SOFT_LIMIT = 30
@@ -123,11 +136,33 @@ class Job:
 
     @property
     def drops(self) -> int:
-        return math.floor(self.rate * self.n + 0.5)
+        return drop_count(self.rate, self.n)
 
     @property
     def threshold(self) -> int:
         return default_threshold(self.n)
+
+
+def drop_count(rate: float, n: int) -> int:
+    """How many of n peers a dropout rate drops: round(rate * n), halves rounded up."""
+    return math.floor(rate * n + 0.5)
+
+
+def rate_grid(n: int, rates: Sequence[float], cliff: bool) -> list[float]:
+    """The dropout rates swept at n peers.
+
+    With ``cliff``, ``rates`` plus the two rates either side of the cliff where
+    rounds stop succeeding: (n - t)/n, the most drops a round survives, and
+    (n - t + 1)/n, the fewest it does not; one rate per distinct drop count.
+    Without, ``rates`` as given.
+    """
+    if not cliff:
+        return sorted(set(rates))
+    survivable = n - default_threshold(n)
+    by_drops: dict[int, float] = {}
+    for rate in sorted({*rates, survivable / n, (survivable + 1) / n}):
+        by_drops.setdefault(drop_count(rate, n), rate)
+    return sorted(by_drops.values())
 
 
 def schedule(job: Job) -> tuple[dict[int, str], int]:
@@ -200,13 +235,15 @@ def _expected(n: int, drops: int, threshold: int) -> str:
     return "ok" if n - drops >= threshold else "abort"
 
 
-def make_jobs(transport: str, peers: Sequence[int], rates: Sequence[float],
+def make_jobs(transport: str, peers: Sequence[int],
+              rates: Sequence[float] | Mapping[int, Sequence[float]],
               phases: Sequence[str], seeds: int, graph: str, dim: int, fan_in: int,
               phase_timeout: float, mode: str = "masking") -> list[Job]:
+    """Every (n, rate, phase, seed); ``rates`` is one list for every n, or one per n."""
     jobs: list[Job] = []
     for n in peers:
-        for rate in rates:
-            cell_phases = [BASELINE] if math.floor(rate * n + 0.5) == 0 else list(phases)
+        for rate in (rates[n] if isinstance(rates, Mapping) else rates):
+            cell_phases = [BASELINE] if drop_count(rate, n) == 0 else list(phases)
             for phase in cell_phases:
                 for seed in range(seeds):
                     jobs.append(Job(transport=transport, n=n, rate=rate, phase=phase,
@@ -229,7 +266,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, console: Console,
         def done(record: dict[str, Any]) -> None:
             records.append(record)
             progress.update(task, advance=1,
-                            description=f"n={record['n']} rate={record['rate']:g} "
+                            description=f"n={record['n']} rate={record['rate']:.3g} "
                                         f"{record['phase']}")
 
         if workers <= 1:
@@ -273,8 +310,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         mode = first.get("mode", "masking")
         ok_runs = [r for r in runs if r["status"] == "ok"]
         errors = [r for r in runs if r["status"] == "error"]
-        reasons = sorted({_short_reason(r["reason"]) for r in runs
-                          if r["status"] != "ok" and r.get("reason")})
+        reasons = merge_reasons([r["reason"] for r in runs
+                                 if r["status"] != "ok" and r.get("reason")])
         killed = [len(r["killed"]) if r.get("killed") is not None
                   else r.get("effective_drops", r["drops"])
                   for r in runs if r["status"] != "error"]
@@ -305,9 +342,39 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def _short_reason(reason: str) -> str:
-    """An abort reason without its numbers, so that cells group them."""
-    return re.sub(r"\b\d+\b", "#", re.sub(r"'[^']*'", "a peer", reason))
+# The parts of an abort reason that vary between runs of one cell: quoted peer names
+# and numbers (a quoted name first, so that its digits stay inside it).
+_VARYING = re.compile(r"('[^']*'|\d+)")
+
+
+def merge_reasons(reasons: Sequence[str]) -> list[str]:
+    """The distinct abort reasons of a cell, in order, each one written out in full.
+
+    Reasons that differ only in their numbers or quoted peer names are merged: the
+    numbers become a range (``only 9–10 masked inputs reached the root``), the names
+    ``'a' or 'b'`` (or ``'a' and k others``).
+    """
+    groups: dict[str, list[list[str]]] = {}
+    for reason in reasons:
+        parts = _VARYING.split(reason)
+        template = "#".join(parts[0::2])
+        groups.setdefault(template, []).append(parts)
+    merged: list[str] = []
+    for members in groups.values():
+        text: list[str] = []
+        for index, values in enumerate(zip(*members, strict=True)):
+            distinct = list(dict.fromkeys(values))
+            if index % 2 == 0 or len(distinct) == 1:
+                text.append(distinct[0])
+            elif all(value.isdigit() for value in distinct):
+                numbers = sorted(int(value) for value in distinct)
+                text.append(f"{numbers[0]}–{numbers[-1]}")
+            elif len(distinct) == 2:
+                text.append(f"{distinct[0]} or {distinct[1]}")
+            else:
+                text.append(f"{distinct[0]} and {len(distinct) - 1} others")
+        merged.append("".join(text))
+    return merged
 
 
 # ------------------------------------------------------------------- output
@@ -358,7 +425,7 @@ def render_table(summary: Sequence[dict[str, Any]], title: str) -> Table:
         notes += cell["abort_reasons"]
         contributors = cell["contributors_mean"]
         wall = cell["wall_seconds_mean"]
-        table.add_row(str(cell["n"]), f"{cell['rate']:g}", cell["phase"], str(cell["drops"]),
+        table.add_row(str(cell["n"]), f"{cell['rate']:.3g}", cell["phase"], str(cell["drops"]),
                       cell["expected"], ok, exact,
                       "-" if contributors is None else f"{contributors:.1f}",
                       "-" if wall is None else f"{wall:.3f}",
@@ -367,75 +434,146 @@ def render_table(summary: Sequence[dict[str, Any]], title: str) -> Table:
     return table
 
 
+PLOT_NAMES = ("success_vs_rate", "time_vs_n", "bytes_vs_n")
+CLIFF_LABEL = "(n − t)/n: the most drops\na round survives"
+AVERAGED = "mean over the ok rounds at every dropout rate > 0"
+
+
 def plot(summary: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
          phases: Sequence[str], out: Path, title: str) -> list[Path]:
     """Write the three PNG plots; return their paths."""
+    import matplotlib.pyplot as plt
+
+    figures = {"success_vs_rate": plot_success(summary, phases, title),
+               "time_vs_n": plot_time(records, phases, title),
+               "bytes_vs_n": plot_bytes(records, phases, title)}
+    written: list[Path] = []
+    for name in PLOT_NAMES:
+        written.append(_save(figures[name], out / f"{name}.png"))
+        plt.close(figures[name])
+    return written
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
 
+    return plt
+
+
+def _markers(phases: Sequence[str]) -> dict[str, str]:
+    return dict(zip([BASELINE, *phases], "osD^vx*P", strict=False))
+
+
+def plot_success(summary: Sequence[dict[str, Any]], phases: Sequence[str],
+                 title: str) -> Any:
+    """Success rate against the fraction of peers dropped: one panel per n, one step
+    curve per phase (every phase has the same curve when the study holds, so the
+    curves are drawn as nested bands, widest first), and the cliff at (n - t)/n."""
+    plt = _pyplot()
     peers = sorted({cell["n"] for cell in summary})
     by_cell = {(c["n"], c["rate"], c["phase"]): c for c in summary}
-    markers = dict(zip(phases, "osD^vx*", strict=False))
-    written: list[Path] = []
-
-    # 1. success rate vs dropout rate, one panel per n, one line per phase.
-    fig, axes = plt.subplots(1, len(peers), figsize=(4.2 * len(peers), 3.8), squeeze=False,
-                             sharey=True)
+    markers = _markers(phases)
+    fig, axes = plt.subplots(1, len(peers), figsize=(max(6.4, 4.2 * len(peers)), 4.0),
+                             squeeze=False, sharey=True)
     for ax, n in zip(axes[0], peers, strict=True):
         rates = sorted({c["rate"] for c in summary if c["n"] == n})
-        # Lines on top of each other stay visible with a small offset per phase.
-        spread = 0.008 * (max(rates) - min(rates) or 1.0)
         for j, phase in enumerate(phases):
-            offset = (j - (len(phases) - 1) / 2) * spread
             xs, ys = [], []
             for rate in rates:
                 cell = by_cell.get((n, rate, phase)) or by_cell.get((n, rate, BASELINE))
                 if cell is not None:
-                    xs.append(rate + offset)
-                    ys.append(cell["success_rate"] + offset / 4)
-            ax.plot(xs, ys, marker=markers.get(phase, "o"), label=phase, alpha=0.8)
-        limit = (n - default_threshold(n)) / n
-        ax.axvline(limit, color="grey", linestyle="--", linewidth=1)
-        ax.text(limit, 0.45, " (n - t) / n", color="grey", fontsize=8, rotation=90)
-        ax.set_title(f"n = {n}, t = {default_threshold(n)}")
-        ax.set_xlabel("dropout rate")
+                    # Drops are whole peers: plot the fraction actually dropped.
+                    xs.append(cell["drops"] / n)
+                    ys.append(cell["success_rate"])
+            width = len(phases) - 1 - j
+            ax.step(xs, ys, where="post", marker=markers.get(phase, "o"), label=phase,
+                    linewidth=1 + 0.9 * width, markersize=3.5 + 1.4 * width, alpha=0.7)
+        threshold = default_threshold(n)
+        cliff = (n - threshold) / n
+        ax.axvline(cliff, color="grey", linestyle="--", linewidth=1, label=CLIFF_LABEL)
+        ax.set_title(f"n = {n}, t = {threshold}")
+        ax.set_xlabel("dropout rate (drops / n)")
+        most = max(c["drops"] for c in summary if c["n"] == n) / n
+        ax.set_xlim(-0.03, max(most, cliff) + 0.05)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("success rate (round ok)")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"{title}: success rate vs dropout rate")
+    axes[0][0].legend(fontsize=8, loc="lower left", title="drop phase", title_fontsize=8)
+    separator = ": " if len(peers) > 1 else "\n"  # one panel is too narrow for one line
+    fig.suptitle(f"{title}{separator}success rate vs dropout rate")
     fig.tight_layout()
-    written.append(_save(fig, out / "success_vs_rate.png"))
-    plt.close(fig)
+    return fig
 
-    # 2. wall time vs n: no drops, and per phase (successful rounds, all rates > 0).
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+
+def _series(records: Sequence[dict[str, Any]],
+            phases: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Runs per curve: every run without drops, and each phase's ok runs with drops."""
     series = {BASELINE: [r for r in records if r["phase"] == BASELINE]}
     for phase in phases:
         series[phase] = [r for r in records if r["phase"] == phase and r["status"] == "ok"]
-    for name, runs in series.items():
+    return series
+
+
+def _wide(values: Sequence[float]) -> bool:
+    """Whether positive values span a decade or more: worth a log scale."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) >= 10 * min(positive)
+
+
+def _n_axis(ax: Any, peers: Sequence[int]) -> None:
+    """An x axis of peer counts: a tick at each n swept, integers only."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xlabel("peers n")
+    if _wide(peers):
+        ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(list(peers), labels=[str(n) for n in peers])
+
+
+def _value_axis(ax: Any, values: Sequence[float], label: str) -> None:
+    """A y axis, logarithmic when the values span a decade or more."""
+    ax.set_ylabel(label)
+    if _wide(values):
+        ax.set_yscale("log")
+
+
+def plot_time(records: Sequence[dict[str, Any]], phases: Sequence[str], title: str) -> Any:
+    """Round wall time against n, per drop phase."""
+    plt = _pyplot()
+    peers = sorted({r["n"] for r in records})
+    markers = _markers(phases)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    plotted: list[float] = []
+    for name, runs in _series(records, phases).items():
         points = [(n, _mean([r["wall_seconds"] for r in runs if r["n"] == n])) for n in peers]
         xs = [n for n, v in points if v is not None]
         ys = [v for _, v in points if v is not None]
         if xs:
             label = "no drops" if name == BASELINE else name
             ax.plot(xs, ys, marker=markers.get(name, "o"), label=label)
-    ax.set_xlabel("peers n")
-    ax.set_ylabel("wall time per round (s)")
-    ax.set_yscale("log")
-    ax.set_title(f"{title}: round time vs n (mean over ok rounds)")
+            plotted += ys
+    _n_axis(ax, peers)
+    _value_axis(ax, plotted, "wall time per round (s)")
+    ax.set_title(f"round time vs n\n({AVERAGED}; no drops: rate 0)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="drop phase", title_fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
-    written.append(_save(fig, out / "time_vs_n.png"))
-    plt.close(fig)
+    return fig
 
-    # 3. bytes vs n: most sent by one peer; received by the server per peer.
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for name, runs in series.items():
+
+def plot_bytes(records: Sequence[dict[str, Any]], phases: Sequence[str], title: str) -> Any:
+    """Traffic against n, per drop phase: most sent by one peer; server's intake per peer."""
+    plt = _pyplot()
+    peers = sorted({r["n"] for r in records})
+    markers = _markers(phases)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
+    plotted: dict[Any, list[float]] = {left: [], right: []}
+    for name, runs in _series(records, phases).items():
         label = "no drops" if name == BASELINE else name
         sent = [(n, _mean([r["max_peer_bytes_sent"] for r in runs if r["n"] == n]))
                 for n in peers]
@@ -446,22 +584,17 @@ def plot(summary: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
             ys = [v for _, v in points if v is not None]
             if xs:
                 ax.plot(xs, ys, marker=markers.get(name, "o"), label=label)
-    left.set_title("max bytes sent by one peer")
+                plotted[ax] += ys
+    left.set_title("most bytes sent by one peer")
     right.set_title("bytes received by the server, per peer")
     for ax in (left, right):
-        ax.set_xlabel("peers n")
-        ax.set_ylabel("bytes")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticks(peers, labels=[str(n) for n in peers])
+        _value_axis(ax, plotted[ax], "bytes")
+        _n_axis(ax, peers)
         ax.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8)
-    fig.suptitle(f"{title}: traffic vs n (ok rounds)")
+    left.legend(fontsize=8, title="drop phase", title_fontsize=8)
+    fig.suptitle(f"{title}: traffic vs n\n({AVERAGED}; no drops: rate 0)")
     fig.tight_layout()
-    written.append(_save(fig, out / "bytes_vs_n.png"))
-    plt.close(fig)
-    return written
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -505,36 +638,43 @@ def _phase_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m scenarios.dropouts",
+        prog="python -m scenarios.dropouts", formatter_class=HelpFormatter,
         description="secagg dropout study: success, exactness, time and bytes by peer "
                     "count, dropout rate and the phase at which peers drop")
     parser.add_argument("--peers", type=_int_list, default=None,
-                        help="comma-separated peer counts (sim default 20,50,100; "
-                             "websockets 10,20,30)")
+                        help="comma-separated peer counts (default: 20,50,100 over sim, "
+                             "10,20,30 over websockets)")
     parser.add_argument("--rates", type=_rate_list, default=None,
-                        help="comma-separated dropout rates (default 0.0,0.1,0.3,0.5)")
+                        help="comma-separated dropout rates, the same at every n (default: "
+                             "0,0.25,0.6 over sim, 0,0.2 over websockets, plus at each n "
+                             "the two rates either side of (n - t)/n)")
     parser.add_argument("--phases", type=_phase_list,
                         default=[*STUDY_PHASES, RANDOM],
                         help="comma-separated phases: " + ", ".join(PHASE_CHOICES) +
-                             " (default share_keys,masked_input,relay,unmasking,random)")
+                             " (default: share_keys,masked_input,relay,unmasking,random)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="rounds per cell (sim default 3, websockets 2)")
-    parser.add_argument("--graph", choices=GRAPHS, default="complete")
+                        help="rounds per cell (default: 2)")
+    parser.add_argument("--graph", choices=GRAPHS, default="complete",
+                        help="mask-sharing graph: every pair, or SecAgg+'s sparse graph")
     parser.add_argument("--mode", choices=MODES, default="masking",
-                        help="masking (default), paillier (complete graph only) or hybrid; "
-                             "the latter two encrypt, so keep n and dim small")
-    parser.add_argument("--transport", choices=TRANSPORTS, default="sim")
-    parser.add_argument("--dim", type=int, default=None, help="vector length (default 100)")
+                        help="paillier needs the complete graph; paillier and hybrid "
+                             "encrypt, so keep n and dim small")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="sim",
+                        help="the in-memory simulator, or a real coordinator and peers on "
+                             "127.0.0.1")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="vector length (default: 100)")
     parser.add_argument("--fan-in", type=int, default=None,
-                        help="accumulation tree fan-in (sim default 8, websockets 3)")
+                        help="accumulation tree fan-in (default: 8 over sim, 3 over "
+                             "websockets)")
     parser.add_argument("--phase-timeout", type=float, default=None,
-                        help="phase deadline in seconds (virtual in the sim; websockets "
-                             "default 5)")
+                        help="phase deadline in seconds, virtual in the sim (default: 10 "
+                             "over sim, 5 over websockets)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="worker processes (default: the number of CPUs; 1 runs "
-                             "in-process)")
+                        help="worker processes; 1 runs in-process (default: the number of "
+                             "CPUs)")
     parser.add_argument("--out", type=Path, default=Path("results/dropouts"),
-                        help="output directory (default results/dropouts)")
+                        help="output directory")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny sweep that finishes in a few seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -551,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode != "masking":  # encryption costs tens of ms per peer and round
             settings["peers"] = settings["peers"][:1]
     peers: list[int] = args.peers or settings["peers"]
-    rates: list[float] = args.rates or settings["rates"]
+    # Explicit --rates are swept as given; the default grid adds each n's cliff.
+    rates = {n: rate_grid(n, args.rates or settings["rates"],
+                          cliff=args.rates is None and settings["cliff"]) for n in peers}
     seeds: int = args.seeds if args.seeds is not None else settings["seeds"]
     dim: int = args.dim if args.dim is not None else settings["dim"]
     fan_in: int = args.fan_in if args.fan_in is not None else settings["fan_in"]
@@ -609,8 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "study": "secagg dropout study",
         "config": {"transport": args.transport, "graph": args.graph, "mode": args.mode,
-                   "peers": peers,
-                   "rates": rates, "phases": phases, "seeds": seeds, "dim": dim,
+                   "peers": peers, "rates": {str(n): grid for n, grid in rates.items()},
+                   "phases": phases, "seeds": seeds, "dim": dim,
                    "fan_in": fan_in, "phase_timeout": timeout, "quick": args.quick,
                    "threshold": "floor(n/2) + 1", "workers": workers},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
@@ -636,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         stdout.print(f"wrote {path}")
     for record in failures:
-        stdout.print(f"[red]FAILED[/] n={record['n']} rate={record['rate']:g} "
+        stdout.print(f"[red]FAILED[/] n={record['n']} rate={record['rate']:.3g} "
                      f"phase={record['phase']} seed={record['seed']}: status "
                      f"{record['status']}, exact {record.get('exact')}, "
                      f"{record.get('reason', '')}")

@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from peers import Peer
 from peers.fedavg import FedAvgClient, apply_aggregate, update_spec
+from secagg.cli_support import HelpFormatter
 from secagg.encoding import WeightedEncoding
 from secagg.protocol import PeerOutcome
 from secagg.torch_state import flatten_state, state_delta
@@ -442,7 +443,9 @@ def print_table(report: Mapping[str, Any]) -> None:
     Console(width=140).print(table)
 
 
-def plot(report: Mapping[str, Any], path: Path) -> None:
+def plot(report: Mapping[str, Any], path: Path | None = None) -> Any:
+    """Accuracy of both runs (left) and how far apart they are (right); write the PNG to
+    ``path`` when given. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,36 +455,47 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     secure = [report["initial_accuracy"]] + [rec["secure_accuracy"] for rec in report["rounds"]]
     plain = [report["initial_accuracy"]] + [rec["plaintext_accuracy"]
                                             for rec in report["rounds"]]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     ax.plot(rounds, plain, "o-", label="plaintext FedAvg", linewidth=3, alpha=0.5)
     ax.plot(rounds, secure, "x--", label="secure aggregation", color="black")
     ax.set_xlabel("rounds completed")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"digits, {report['config']['peers']} non-IID peers, dropouts every round")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     floor = 1e-18  # exact zeros, drawn on the log axis
     diffs = [max(rec["max_param_diff"], floor) for rec in report["rounds"]]
     errors = [max(rec["aggregate_error"] or 0.0, floor) for rec in report["rounds"]]
     bounds = [max(rec["aggregate_error_bound"] or 0.0, floor) for rec in report["rounds"]]
-    ax2.semilogy(rounds[1:], diffs, "o-", label="max |secure - plaintext| parameter")
+    ax2.semilogy(rounds[1:], diffs, "o-", label="max |secure − plaintext| parameter")
     ax2.semilogy(rounds[1:], errors, "x-", label="round aggregate error")
     ax2.semilogy(rounds[1:], bounds, "k:", label="documented quantization bound")
     ax2.set_xlabel("rounds completed")
+    ax2.set_ylabel("absolute difference (largest entry)")
     ax2.set_title("differences (exact zeros drawn at 1e-18)")
     ax2.grid(True, alpha=0.3)
-    ax2.legend(fontsize=8, loc="best")
+    # Below the axes, where it cannot hide a point.
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+               frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if path is not None:
+        fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="FedAvg over secure aggregation vs plaintext")
-    parser.add_argument("--peers", type=int, default=None, help="number of peers (default 12)")
-    parser.add_argument("--rounds", type=int, default=None, help="FedAvg rounds (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("results/fedavg"))
+    parser = argparse.ArgumentParser(prog="python -m scenarios.fedavg_torch",
+                                     formatter_class=HelpFormatter,
+                                     description="FedAvg over secure aggregation vs plaintext")
+    parser.add_argument("--peers", type=int, default=None,
+                        help="number of peers (default: 12, 6 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="FedAvg rounds (default: 8, 2 with --quick)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data split, the model and the crashes")
+    parser.add_argument("--out", type=Path, default=Path("results/fedavg"),
+                        help="directory for report.json and accuracy.png")
     parser.add_argument("--modulus-bits", type=int, choices=(32, 64), default=64,
                         help="ring size: 32 bits quantizes coarsely enough to see its error")
     parser.add_argument("--quick", action="store_true",

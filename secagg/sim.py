@@ -31,17 +31,19 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey, generate_signing_key
-from secagg.errors import CryptoError, ProtocolError, WireError
+from secagg.driver import dispatch
 from secagg.graph import GraphKind, NeighbourGraph, make_graph
 from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
 from secagg.protocol.common import Mode
+from secagg.protocol.errors import DropReason
 from secagg.protocol.events import (
     Action,
+    Bind,
     CancelTimer,
     DeliveryFailed,
     Disconnect,
-    DropReason,
     Event,
+    FrameReceived,
     MessageReceived,
     PeerGone,
     RoundFinished,
@@ -57,11 +59,9 @@ from secagg.wire import (
     ConsistencyRequest,
     Envelope,
     MaskingStart,
-    PaillierRootAggregate,
     RootAggregate,
     Roster,
     UnmaskRequest,
-    decode,
     encode,
 )
 
@@ -79,8 +79,8 @@ _DEATH_TRIGGER = {
     "consistency_check": ConsistencyRequest.TYPE,
     "unmasking": UnmaskRequest.TYPE,
 }
-_FORWARDING = frozenset({"encrypted_partial_sum", RootAggregate.TYPE,
-                         PaillierRootAggregate.TYPE, "root_abort", "ancestors_unreachable"})
+_FORWARDING = frozenset({"encrypted_partial_sum", RootAggregate.TYPE, "root_abort",
+                         "ancestors_unreachable"})
 
 
 class DeterministicRandom:
@@ -115,7 +115,7 @@ class ServerView:
         server can decrypt) the server received."""
         return [tuple(self.names[u] for u in env.body.contributors)
                 for env in self.messages
-                if isinstance(env.body, RootAggregate | PaillierRootAggregate)]
+                if isinstance(env.body, RootAggregate)]
 
 
 @dataclass
@@ -159,7 +159,8 @@ class Network:
         self.bytes_sent: dict[str, int] = {}
         self.server_bytes_in = 0
         self.rejections: list[str] = []
-        self._index_of: dict[str, int] = {}
+        self.server_seconds = 0.0
+        """Wall time spent inside the server's ``start`` and ``handle``."""
 
     # ----------------------------------------------------------- plumbing
 
@@ -183,23 +184,8 @@ class Network:
             self._deliver(target, event)
 
     def apply(self, party: str, actions: list[Action]) -> None:
-        for action in actions:
-            if party in self.dead:
-                return
-            if isinstance(action, Send):
-                self._send(party, action)
-            elif isinstance(action, SetTimer):
-                self._seq += 1
-                self._timers[(party, action.name)] = self._seq
-                heapq.heappush(self._queue, (self.now + action.delay, self._seq, party,
-                                             _GenerationTimer(action.name, self._seq)))
-            elif isinstance(action, CancelTimer):
-                self._timers.pop((party, action.name), None)
-            elif isinstance(action, Disconnect):
-                # The server cut a misbehaving peer off: the peer sees the server go.
-                self._push(LATENCY, action.name, PeerGone(SERVER))
-            elif isinstance(action, RoundFinished):
-                pass  # outcomes are read from the protocol objects after the run
+        if party not in self.dead:
+            dispatch(actions, _PartyTransport(self, party))
 
     def _send(self, sender: str, action: Send) -> None:
         env = action.envelope
@@ -230,37 +216,35 @@ class Network:
         self._handle(target, event)
 
     def _deliver_frame(self, target: str, frame: _Frame) -> None:
-        protocol = self.server if target == SERVER else self.peers[target]
         trigger = self.dies_in.get(target)
         if trigger in _DEATH_TRIGGER and frame.original.type == _DEATH_TRIGGER[trigger]:
             self.kill(target)
             return
-        env = frame.original
         if isinstance(frame.payload, bytes):
-            try:
-                env = decode(frame.payload, protocol.limits())
-            except WireError as exc:
-                self._bad_frame(target, frame.sender, str(exc))
-                return
-        self._handle(target, MessageReceived(env), frame.sender)
+            self._handle(target, FrameReceived(frame.sender, frame.payload))
+        else:
+            self._handle(target, MessageReceived(frame.payload))
 
-    def _handle(self, target: str, event: Event, sender: str = "") -> None:
-        protocol = self.server if target == SERVER else self.peers[target]
-        try:
-            actions = protocol.handle(event)
-        except (ProtocolError, WireError, CryptoError) as exc:
-            self._bad_frame(target, sender, str(exc))
-            return
+    def _handle(self, target: str, event: Event) -> None:
+        if target == SERVER:
+            started = time.perf_counter()
+            actions = self.server.handle(event)
+            self.server_seconds += time.perf_counter() - started
+        else:
+            actions = self.peers[target].handle(event)
         self.apply(target, actions)
 
-    def _bad_frame(self, target: str, sender: str, reason: str) -> None:
-        self.rejections.append(f"{target} rejected a frame from {sender}: {reason}")
-        log.info("%s rejected a frame from %s: %s", target, sender, reason)
-        if target == SERVER and sender:
-            self.apply(SERVER, self.server.reject(sender, reason))
-        elif sender == SERVER:
+    def _disconnect(self, party: str, action: Disconnect) -> None:
+        self.rejections.append(f"{party} cut off {action.name}: {action.reason.value}: "
+                               f"{action.detail}")
+        log.info("%s cut off %s: %s (%s)", party, action.name, action.reason.value,
+                 action.detail)
+        if party == SERVER:
+            # The server cut a misbehaving peer off: the peer sees the server go.
+            self._push(LATENCY, action.name, PeerGone(SERVER))
+        elif action.name == SERVER:
             # A peer that cannot follow the server gives up, as the wire driver does.
-            self.kill(target)
+            self.kill(party)
 
     def kill(self, name: str) -> None:
         """Peer ``name`` dies now: everyone connected to it sees the connection close."""
@@ -276,22 +260,52 @@ class Network:
         """Peers that would hold a connection to ``name``: neighbours and tree relatives."""
         server = self.server
         names = server.names
-        if len(self._index_of) != len(names):  # the roster is fixed once R0 closes
-            self._index_of = {n: i for i, n in enumerate(names)}
-        u = self._index_of.get(name)
+        u = server.index_of(name)
         if u is None:
             return set()
         connected: set[str] = set()
-        graph = server._graph
+        graph = server.graph
         if graph is not None:
             connected.update(names[v] for v in graph.neighbours(u) if v != u)
-        tree = server._tree
+        tree = server.tree
         if tree is not None and u in tree:
             parent = tree.parent(u)
             if parent is not None:
                 connected.add(names[parent])
             connected.update(names[c] for c in tree.children(u))
         return connected
+
+
+class _PartyTransport:
+    """How one party's actions take effect in the simulated network."""
+
+    def __init__(self, network: Network, party: str) -> None:
+        self._network = network
+        self._party = party
+
+    def send(self, action: Send) -> None:
+        if self._party not in self._network.dead:
+            self._network._send(self._party, action)
+
+    def set_timer(self, action: SetTimer) -> None:
+        network = self._network
+        network._seq += 1
+        network._timers[(self._party, action.name)] = network._seq
+        heapq.heappush(network._queue, (network.now + action.delay, network._seq,
+                                        self._party,
+                                        _GenerationTimer(action.name, network._seq)))
+
+    def cancel_timer(self, action: CancelTimer) -> None:
+        self._network._timers.pop((self._party, action.name), None)
+
+    def disconnect(self, action: Disconnect) -> None:
+        self._network._disconnect(self._party, action)
+
+    def bind(self, action: Bind) -> None:
+        pass  # connections are implicit here: every frame names its true sender
+
+    def finish(self, action: RoundFinished) -> None:
+        pass  # outcomes are read from the protocol objects after the run
 
 
 @dataclass(frozen=True)
@@ -393,6 +407,7 @@ def run_round(
 
     started = time.perf_counter()
     network.apply(SERVER, server.start())
+    network.server_seconds = time.perf_counter() - started
     for i, name in enumerate(names):
         if dies_in.get(name) == "advertise_keys":
             network.dead.add(name)
@@ -410,7 +425,8 @@ def run_round(
         if phase == "advertise_keys":
             dropped[i] = DropReason.NOT_REGISTERED.value
     stats = dict(outcome.stats)
-    stats.update(wall_seconds=wall, virtual_seconds=network.now, events=network.events,
+    stats.update(wall_seconds=wall, server_seconds=network.server_seconds,
+                 virtual_seconds=network.now, events=network.events,
                  max_peer_bytes_sent=max((sent for name, sent in network.bytes_sent.items()
                                           if name != SERVER), default=0),
                  server_bytes_out=network.bytes_sent.get(SERVER, 0),

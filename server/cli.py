@@ -3,7 +3,7 @@
 For each round r it writes ``DIR/round-<r>.json`` ({"round", "status",
 "contributors", "dropped", "threshold", ...}) and, when the round is ok,
 ``DIR/round-<r>.npy`` with the float64 aggregate sum. Progress goes to stderr;
-nothing secret is logged.
+nothing secret is logged. Exit statuses: :mod:`secagg.cli_support`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg.cli_support import OneLineParser, configure_logging
+from secagg.cli_support import (
+    SERVER_EXIT_STATUSES,
+    VERBOSE_HELP,
+    ExitStatus,
+    OneLineParser,
+    configure_logging,
+    exit_status_epilog,
+    os_error_text,
+)
 from secagg.errors import SecAggError
 from server.coordinator import Coordinator, RoundResult
 
@@ -40,39 +48,76 @@ def _positive_float(text: str) -> float:
     return value
 
 
+DESCRIPTION = """\
+Run secure-aggregation rounds: wait for --min-peers peers, run a round, write
+DIR/round-<r>.json (and DIR/round-<r>.npy, the float64 aggregate sum, when the
+round is ok); repeat --rounds times. Progress goes to stderr; nothing secret is
+logged."""
+
+# Lines the coordinator and its protocol log that this tool prints itself (with the
+# round's contributor and drop counts), so that each round's end shows once.
+ALREADY_PRINTED = (
+    ("secagg.server", r"^round \d+ aborted: "),
+    ("secagg.coordinator", r"^round \d+: (ok|aborted)\b"),
+    ("secagg.coordinator", r"^coordinator listening on "),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="secagg-server", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="secagg-server", description=DESCRIPTION,
+                           epilog=exit_status_epilog(SERVER_EXIT_STATUSES, {
+                               ExitStatus.OK: "every round ended ok",
+                               ExitStatus.FAILED: "an error that is none of the below "
+                                                  "(e.g. the port is taken)",
+                               ExitStatus.ROUND_ABORTED: "a round aborted (see its "
+                                                         "round-<r>.json); the later rounds "
+                                                         "still ran",
+                           }))
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
-    parser.add_argument("--min-peers", type=_positive_int, required=True,
-                        help="registration closes when this many peers registered")
-    parser.add_argument("--threshold", type=_positive_int, required=True,
-                        help="t: fewest contributors whose sum may be revealed (> n/2)")
-    parser.add_argument("--dim", type=_positive_int, required=True,
+    parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one")
+    parser.add_argument("--min-peers", type=_positive_int, required=True, metavar="N",
+                        help="registration closes when N peers registered, or after "
+                             "--phase-timeout with at least --threshold")
+    parser.add_argument("--threshold", type=_positive_int, required=True, metavar="T",
+                        help="fewest contributors whose sum may be revealed; N/2 < T <= N")
+    parser.add_argument("--dim", type=_positive_int, required=True, metavar="D",
                         help="coordinates of every peer's vector")
-    parser.add_argument("--rounds", type=_positive_int, default=1)
+    parser.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
+                        help="rounds to run, one after the other; run every peer with as "
+                             "many: secagg-peer --rounds R")
     parser.add_argument("--mode", choices=["masking", "paillier", "hybrid"], default="masking",
                         help="masking (pairwise masks), paillier (inputs encrypted under "
                              "the server's key; no masks) or hybrid (masked and encrypted)")
     parser.add_argument("--paillier-key-bits", type=int, choices=[2048, 3072], default=2048,
                         help="Paillier modulus size for --mode paillier/hybrid")
-    parser.add_argument("--graph", choices=["complete", "sparse"], default="complete")
+    parser.add_argument("--graph", choices=["complete", "sparse"], default="complete",
+                        help="who shares masks with whom: every pair, or a sparse random "
+                             "graph of O(log n) neighbours (SecAgg+) for large n")
     parser.add_argument("--threat-model", choices=["honest-but-curious", "active"],
-                        default="honest-but-curious")
-    parser.add_argument("--phase-timeout", type=_positive_float, default=30.0,
-                        help="seconds each phase may take")
+                        default="honest-but-curious",
+                        help="active adds signed keys and a consistency check (R3) against "
+                             "a server that lies about who dropped")
+    parser.add_argument("--phase-timeout", type=_positive_float, default=30.0, metavar="S",
+                        help="seconds each phase (registration too) may take")
     parser.add_argument("--clip", type=_positive_float, default=1.0,
                         help="inputs are clipped to [-clip, clip]")
-    parser.add_argument("--modulus-bits", type=int, choices=[32, 64], default=32)
+    parser.add_argument("--modulus-bits", type=int, choices=[32, 64], default=32,
+                        help="ring size for the quantized inputs; 64 allows finer "
+                             "quantization or more peers")
     parser.add_argument("--fan-in", type=_positive_int, default=8,
                         help="children per relay in the accumulation tree")
     parser.add_argument("--weighted", action="store_true",
                         help="peers send (w*x, w); the .npy holds the weighted sum")
-    parser.add_argument("--max-weight", type=_positive_float, default=1.0)
-    parser.add_argument("--tls-cert", type=Path, help="serve wss:// with this certificate")
-    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
-    parser.add_argument("--out", type=Path, required=True, help="directory for round results")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--max-weight", type=_positive_float, default=1.0,
+                        help="largest weight a peer may send with --weighted (public bound "
+                             "used to size the encoding)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="serve wss:// with this certificate (default: plain ws://)")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE",
+                        help="private key of --tls-cert (default: none)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="directory for round results")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     return parser
 
 
@@ -104,7 +149,7 @@ def write_round(out: Path, result: RoundResult) -> None:
     tmp_json.replace(out / f"round-{outcome.round}.json")
 
 
-async def serve_rounds(args: argparse.Namespace) -> int:
+async def serve_rounds(args: argparse.Namespace) -> ExitStatus:
     ssl_context = None
     if args.tls_cert or args.tls_key:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -119,6 +164,7 @@ async def serve_rounds(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    status = ExitStatus.OK
     async with coordinator:
         print(f"secagg-server listening on {coordinator.url}", file=sys.stderr, flush=True)
         for _ in range(args.rounds):
@@ -130,7 +176,7 @@ async def serve_rounds(args: argparse.Namespace) -> int:
             if round_task not in done:
                 round_task.cancel()
                 print("secagg-server: interrupted", file=sys.stderr)
-                return 130
+                return ExitStatus.INTERRUPTED
             result = round_task.result()
             write_round(args.out, result)
             outcome = result.outcome
@@ -138,13 +184,15 @@ async def serve_rounds(args: argparse.Namespace) -> int:
                   f"{' (' + outcome.reason + ')' if outcome.reason else ''}; "
                   f"{len(outcome.contributors)} contributors, {len(outcome.dropped)} dropped",
                   file=sys.stderr, flush=True)
-    return 0
+            if outcome.status != "ok":
+                status = ExitStatus.ROUND_ABORTED
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, ALREADY_PRINTED)
     if args.mode == "paillier" and args.graph != "complete":
         parser.error("--mode paillier has no masks and so no neighbour graph: drop --graph "
                      "sparse (it applies to masking and hybrid)")
@@ -160,13 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"cannot create --out {args.out}: {exc.strerror}")
     try:
-        return asyncio.run(serve_rounds(args))
+        return int(asyncio.run(serve_rounds(args)))
+    except KeyboardInterrupt:
+        print("secagg-server: interrupted", file=sys.stderr)
+        return int(ExitStatus.INTERRUPTED)
     except (SecAggError, ValueError) as exc:
+        # The coordinator refuses a configuration that cannot work (e.g. the ring
+        # cannot hold the sum): it says which parameter to change.
         print(f"secagg-server: error: {exc}", file=sys.stderr)
-        return 2
+        return int(ExitStatus.BAD_ARGUMENTS)
     except OSError as exc:
-        print(f"secagg-server: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        print(f"secagg-server: error: {os_error_text(exc)}", file=sys.stderr)
+        return int(ExitStatus.FAILED)
 
 
 if __name__ == "__main__":

@@ -8,57 +8,51 @@ It also forwards opaque peer-to-peer frames to peers that have no listener of
 their own (they are AEAD-sealed end to end, so the coordinator learns nothing
 from them).
 
-A frame that fails ``secagg.wire`` validation, belongs to another session or
-round, claims another peer's name, or is not allowed in the current state
-closes that connection with a logged reason and drops the sender with reason
-``bad_message``; the round goes on for everyone else.
+The protocol decides what every frame means, including registration, duplicate
+ids and late arrivals; the coordinator maps connection tokens (``#1``, ``#2``,
+...) and, once the protocol binds them, peer names to websockets, and carries
+out the actions through the shared :class:`~secagg.driver.ActionLoop`. A frame
+that fails ``secagg.wire`` validation, belongs to another session or round,
+claims another peer's name, or is not allowed in the current phase closes that
+connection with a logged, specific drop reason; the round goes on for everyone
+else. Each client's outbox is bounded: a client that stops reading is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import ssl
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from secagg.errors import CryptoError, ProtocolError, WireError
+from secagg.driver import ActionLoop, Outbox, OutboxFull, keepalive_seconds
+from secagg.errors import WireError
 from secagg.graph import GraphKind
 from secagg.paillier import DEFAULT_KEY_BITS
-from secagg.protocol import (
-    CancelTimer,
+from secagg.protocol import ServerConfig, ServerOutcome, ServerProtocol
+from secagg.protocol.common import Mode, ThreatModel
+from secagg.protocol.errors import DropReason
+from secagg.protocol.events import (
+    Bind,
+    ConnectionFault,
     Disconnect,
+    FrameReceived,
     MessageReceived,
+    PeerConnected,
     PeerGone,
-    RoundFinished,
     Send,
-    ServerConfig,
-    ServerOutcome,
-    ServerProtocol,
-    SetTimer,
-    TimerExpired,
 )
-from secagg.protocol.common import Mode, ThreatModel, round_limits
-from secagg.protocol.events import Action
-from secagg.wire import (
-    SERVER,
-    AdvertiseKeys,
-    Envelope,
-    Forward,
-    Limits,
-    Rejected,
-    RoundOpen,
-    decode,
-    encode,
-)
+from secagg.protocol.modes import round_mode, slot_layout
+from secagg.wire import SERVER, Envelope, Forward, Limits, Rejected, decode, encode
 
 log = logging.getLogger("secagg.coordinator")
 
@@ -80,15 +74,24 @@ class RoundResult:
         return self.outcome.status
 
 
+MAX_OUTBOX_FRAMES = 4096
+"""Frames queued for one client before it counts as not reading (and is dropped)."""
+CLOSE_FLUSH_SECONDS = 5.0
+
+
 @dataclass(eq=False)
 class _Client:
-    """One peer's connection to the coordinator."""
+    """One websocket to the coordinator: an anonymous token until it registers."""
 
     connection: ServerConnection
+    token: str
+    outbox: Outbox
     name: str = ""
-    outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
-    writer: asyncio.Task[None] | None = None
     closing: asyncio.Task[None] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"unregistered connection {self.token}"
 
 
 class Coordinator:
@@ -133,21 +136,30 @@ class Coordinator:
         self._template.encoder()
         self._ssl = ssl_context
         self._progress = progress
-        self._limits: Limits = round_limits(peers=min_peers, dim=self._template.wire_dim,
-                                            modulus_bits=modulus_bits,
-                                            layout=self._template.slot_layout())
+        # The largest frame any round of this session can legitimately carry.
+        payload_bytes = None
+        if round_mode(mode).encrypts:
+            layout = slot_layout(key_bits=paillier_key_bits, modulus_bits=modulus_bits,
+                                 peers=min_peers)
+            payload_bytes = layout.ciphertext_count(self._template.wire_dim) * \
+                layout.ciphertext_bytes
+        self._max_frame = Limits.for_round(
+            max_peers=min_peers, dim=self._template.wire_dim, modulus_bits=modulus_bits,
+            payload_bytes=payload_bytes).max_frame_bytes
+        # A stalled peer keeps its connection open: pings find it within a fraction
+        # of a phase (see secagg.driver.keepalive_seconds).
+        self._keepalive = keepalive_seconds(phase_timeout)
         self._server: Server | None = None
-        self._clients: dict[str, _Client] = {}
-        self._anonymous: set[_Client] = set()
+        self._connections: dict[str, _Client] = {}
+        """Every open connection, by token and (once registered) by name."""
+        self._next_token = 0
         self._round_number = -1
         self._protocol: ServerProtocol | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._finished: asyncio.Future[ServerOutcome] | None = None
+        self._loop = ActionLoop("coordinator", send=self._send, disconnect=self._disconnect,
+                                bind=self._bind, on_phase=self._on_phase)
         self._bytes_in = 0
         self._bytes_out = 0
-        self._phase_started = 0.0
         self._phase_times: dict[str, float] = {}
-        self._last_state = ""
 
     # ---------------------------------------------------------- lifecycle
 
@@ -161,8 +173,8 @@ class Coordinator:
     async def start(self) -> None:
         self._server = await serve(
             self._serve_connection, self.host, self.port, compression=None,
-            max_size=self._limits.max_frame_bytes, ssl=self._ssl, ping_interval=20,
-            ping_timeout=20)
+            max_size=self._max_frame, ssl=self._ssl, ping_interval=self._keepalive,
+            ping_timeout=self._keepalive)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
         log.info("coordinator listening on %s", self.url)
@@ -173,15 +185,14 @@ class Coordinator:
         return f"{scheme}://{self.host}:{self.port}"
 
     async def close(self) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._loop.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for client in list(self._clients.values()) + list(self._anonymous):
-            await self._stop_writer(client)
+        for client in self._clients():
+            await client.outbox.drain(2)
+            await client.connection.close()
 
     # --------------------------------------------------------------- rounds
 
@@ -190,23 +201,20 @@ class Coordinator:
         if self._server is None:
             raise RuntimeError("start the coordinator first (async with Coordinator(...))")
         self._round_number += 1
-        config = ServerConfig(**{**self._template.__dict__, "round": self._round_number})
+        config = dataclasses.replace(self._template, round=self._round_number)
         protocol = ServerProtocol(config)
         self._protocol = protocol
-        self._finished = asyncio.get_running_loop().create_future()
         self._bytes_in = self._bytes_out = 0
         self._phase_times = {}
-        self._phase_started = time.perf_counter()
-        self._last_state = protocol.state
         log.info("round %d: registration open", self._round_number)
-        self._apply(protocol.start())
-        notice = self._frame(RoundOpen(
-            dim=config.dim, weighted=config.weighted, max_peers=config.min_peers,
-            mode=config.mode,
-            paillier_key_bits=0 if config.mode == "masking" else config.paillier_key_bits))
-        for client in list(self._clients.values()) + list(self._anonymous):
+        finished = self._loop.begin(protocol, protocol.start())
+        # Everyone connected hears of the round alike (late connections get the same
+        # notice from the protocol when they arrive).
+        notice = encode(protocol.round_open())
+        for client in self._clients():
             self._enqueue(client, notice)
-        outcome = await self._finished
+        outcome = await finished
+        assert isinstance(outcome, ServerOutcome)
         # Let the outcome notices drain before the next round starts.
         await asyncio.sleep(0)
         stats = dict(outcome.stats)
@@ -220,205 +228,160 @@ class Coordinator:
 
     # ------------------------------------------------------- connections
 
+    def _clients(self) -> list[_Client]:
+        return list({id(c): c for c in self._connections.values()}.values())
+
     async def _serve_connection(self, connection: ServerConnection) -> None:
-        client = _Client(connection)
-        client.writer = asyncio.create_task(self._write(client))
-        self._anonymous.add(client)
+        self._next_token += 1
+        token = f"#{self._next_token}"
+        client = _Client(connection, token, Outbox(
+            connection.send, max_frames=MAX_OUTBOX_FRAMES,
+            send_timeout=self._template.phase_timeout, on_sent=self._count_out,
+            on_stuck=connection.transport.abort))
+        client.outbox.start()
+        self._connections[token] = client
         protocol = self._protocol
-        if protocol is not None and self._finished is not None and not self._finished.done():
-            if protocol.state != "collecting_keys":
-                # Mid-round: the peer is told so and can leave cleanly.
-                self._anonymous.discard(client)
-                self._reject(client, f"registration for round {self._round_number} is closed")
-                await client.connection.wait_closed()
-                return
-            self._enqueue(client, self._frame(RoundOpen(
-                dim=protocol.config.dim, weighted=protocol.config.weighted,
-                max_peers=protocol.config.min_peers)))
+        if protocol is not None and not protocol.finished:
+            self._loop.feed(PeerConnected(token))
+        fault: tuple[DropReason, str] | None = None
         try:
             async for frame in connection:
                 if isinstance(frame, str):
-                    self._drop_client(client, "text frames are not part of the protocol")
+                    fault = (DropReason.MALFORMED_MESSAGE,
+                             "text frames are not part of the protocol")
                     break
                 self._bytes_in += len(frame)
-                if not self._on_frame(client, frame):
+                self._on_frame(client, frame)
+                if client.closing is not None:
                     break
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == 1009:
+                fault = (DropReason.MALFORMED_MESSAGE,
+                         f"frame over the size limit of {self._max_frame} bytes")
         finally:
-            self._on_closed(client)
+            self._on_closed(client, fault)
             if client.closing is not None:
                 # Deliver the queued notice and close with the reason before returning
                 # (returning from the handler closes the connection at once).
                 with contextlib.suppress(Exception):
                     await client.closing
 
-    def _on_frame(self, client: _Client, frame: bytes) -> bool:
-        """Handle one frame; False when the connection must close."""
-        try:
-            env = decode(frame, self._limits)
-        except WireError as exc:
-            self._drop_client(client, f"malformed frame: {exc}")
-            return False
-        if client.name and env.sender != client.name:
-            self._drop_client(client, f"frame claims sender {env.sender!r} on the connection "
-                                      f"of {client.name!r} (forged sender)")
-            return False
-        if isinstance(env.body, Forward):
-            return self._forward(client, env)
+    def _on_frame(self, client: _Client, frame: bytes) -> None:
+        origin = client.name or client.token
         protocol = self._protocol
-        if not client.name:
-            if not isinstance(env.body, AdvertiseKeys):
-                self._drop_client(client, f"first frame must be advertise_keys, got {env.type}")
-                return False
-            if env.sender in self._clients:
-                self._reject(client, f"peer id {env.sender!r} is already connected "
-                                     "(duplicate id)")
-                return False
-            if protocol is None or protocol.state != "collecting_keys" or \
-                    env.session != self.session or env.round != self._round_number:
-                self._reject(client, "registration for this round is closed")
-                return False
-            client.name = env.sender
-            self._anonymous.discard(client)
-            self._clients[client.name] = client
-        if protocol is None:
-            return True
+        limits = protocol.limits() if protocol is not None else Limits(
+            max_frame_bytes=self._max_frame)
         try:
-            actions = protocol.handle(MessageReceived(env))
-        except (ProtocolError, CryptoError) as exc:
-            self._apply(protocol.reject(client.name, str(exc)))
-            return client.name in self._clients
-        except Exception:
-            # A bug, not bad input: keep serving the others, but say so loudly.
-            log.exception("internal error handling %s from %r", env.type, client.name)
-            self._apply(protocol.reject(client.name, "internal error (see server log)"))
-            return client.name in self._clients
-        self._apply(actions)
-        return True
+            env = decode(frame, limits)
+        except WireError:
+            if protocol is None:
+                self._drop(client, DropReason.MALFORMED_MESSAGE, "malformed frame")
+            else:  # the protocol decodes it again and says precisely what is wrong
+                self._loop.feed(FrameReceived(origin, frame))
+            return
+        if isinstance(env.body, Forward):
+            self._forward(client, env)
+            return
+        if not client.name and env.sender in self._connections:
+            # One live connection per name: the first keeps it.
+            self._reject(client, DropReason.DUPLICATE_ID,
+                         f"peer id {env.sender!r} is already connected (duplicate id)")
+            return
+        if protocol is None:
+            self._reject(client, DropReason.NOT_REGISTERED,
+                         "no round is open; wait for the round notice")
+            return
+        self._loop.feed(MessageReceived(env, origin=origin))
 
-    def _forward(self, client: _Client, env: Envelope) -> bool:
+    def _forward(self, client: _Client, env: Envelope) -> None:
         body = env.body
         assert isinstance(body, Forward)
         if not client.name:
-            self._drop_client(client, "forward before registration")
-            return False
-        target = self._clients.get(body.recipient)
-        if target is None:
+            self._drop(client, DropReason.UNEXPECTED_MESSAGE, "forward before registration")
+            return
+        target = self._connections.get(body.recipient)
+        if target is None or not target.name:
             log.info("cannot forward from %s to %s: not connected", client.name,
                      body.recipient)
-            return True
+            return
         # Re-label the sender so the recipient knows who relayed: the inner frame is
         # sealed end to end and names its true sender.
         self._enqueue(target, encode(Envelope(session=env.session, round=env.round,
                                               sender=SERVER, body=Forward(
                                                   recipient=client.name, frame=body.frame))))
-        return True
 
-    def _on_closed(self, client: _Client) -> None:
-        self._anonymous.discard(client)
-        if client.name and self._clients.get(client.name) is client:
-            del self._clients[client.name]
-            if self._protocol is not None:
-                self._apply(self._protocol.handle(PeerGone(client.name)))
-        with contextlib.suppress(Exception):
-            client.outbox.put_nowait(None)
-
-    def _reject(self, client: _Client, reason: str) -> None:
-        log.warning("rejecting a connection: %s", reason)
-        self._enqueue(client, encode(Envelope(session=self.session,
-                                              round=max(self._round_number, 0), sender=SERVER,
-                                              body=Rejected(reason=reason))))
-        self._close_after_flush(client, reason)
-
-    def _drop_client(self, client: _Client, reason: str) -> None:
-        name = client.name or "an unregistered connection"
-        log.warning("dropping %s: %s", name, reason)
+    def _on_closed(self, client: _Client, fault: tuple[DropReason, str] | None) -> None:
+        for key in (client.token, client.name):
+            if key and self._connections.get(key) is client:
+                del self._connections[key]
+        client.outbox.close()
+        if fault is not None:
+            log.warning("dropping %s: %s", client.label, fault[1])
         if client.name and self._protocol is not None:
-            self._apply(self._protocol.reject(client.name, reason))
-        else:
-            self._close_after_flush(client, reason)
-
-    def _close_after_flush(self, client: _Client, reason: str) -> None:
-        client.outbox.put_nowait(None)
-
-        async def close_later() -> None:
-            if client.writer is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(client.writer), 5)
-            await client.connection.close(code=1008, reason=reason[:120])
-
-        if client.closing is None:
-            client.closing = asyncio.get_running_loop().create_task(close_later())
+            if fault is not None:
+                self._loop.feed(ConnectionFault(client.name, *fault))
+            else:
+                self._loop.feed(PeerGone(client.name))
 
     # ------------------------------------------------------------ actions
 
-    def _apply(self, actions: list[Action]) -> None:
-        protocol = self._protocol
-        for action in actions:
-            if isinstance(action, Send):
-                client = self._clients.get(action.recipient)
-                if client is not None:
-                    self._enqueue(client, encode(action.envelope))
-            elif isinstance(action, SetTimer):
-                self._set_timer(action.name, action.delay)
-            elif isinstance(action, CancelTimer):
-                handle = self._timers.pop(action.name, None)
-                if handle is not None:
-                    handle.cancel()
-            elif isinstance(action, Disconnect):
-                client = self._clients.pop(action.name, None)
-                if client is not None:
-                    self._close_after_flush(client, action.reason)
-            elif isinstance(action, RoundFinished):
-                assert isinstance(action.outcome, ServerOutcome)
-                if self._finished is not None and not self._finished.done():
-                    self._finished.set_result(action.outcome)
-        if protocol is not None and protocol.state != self._last_state:
-            now = time.perf_counter()
-            self._phase_times[str(self._last_state)] = round(now - self._phase_started, 6)
-            self._phase_started = now
-            self._last_state = protocol.state
-            if self._progress is not None:
-                try:
-                    self._progress(str(protocol.state), self._round_number)
-                except Exception:  # an app's callback must not break the round
-                    log.exception("progress callback failed")
+    def _send(self, action: Send) -> None:
+        client = self._connections.get(action.recipient)
+        if client is not None:
+            self._enqueue(client, encode(action.envelope))
 
-    def _set_timer(self, name: str, delay: float) -> None:
-        old = self._timers.pop(name, None)
-        if old is not None:
-            old.cancel()
-        protocol = self._protocol
+    def _disconnect(self, action: Disconnect) -> None:
+        client = self._connections.get(action.name)
+        if client is None:
+            return
+        log.warning("dropping %s: %s: %s", client.label, action.reason.value, action.detail)
+        self._close_after_flush(client, action.detail or action.reason.value)
 
-        def fire() -> None:
-            self._timers.pop(name, None)
-            if protocol is self._protocol and protocol is not None:
-                self._apply(protocol.handle(TimerExpired(name)))
+    def _bind(self, action: Bind) -> None:
+        client = self._connections.get(action.connection)
+        if client is None:
+            return
+        client.name = action.name
+        self._connections[action.name] = client
 
-        self._timers[name] = asyncio.get_running_loop().call_later(delay, fire)
+    def _on_phase(self, old: str, new: str, seconds: float) -> None:
+        if old:
+            self._phase_times[old] = round(seconds, 6)
+        if self._progress is not None:
+            self._progress(new, self._round_number)
 
-    def _frame(self, body: Any) -> bytes:
-        return encode(Envelope(session=self.session, round=self._round_number, sender=SERVER,
-                               body=body))
+    def _count_out(self, size: int) -> None:
+        self._bytes_out += size
 
     def _enqueue(self, client: _Client, frame: bytes) -> None:
-        client.outbox.put_nowait(frame)
+        try:
+            client.outbox.put(frame)
+        except OutboxFull as exc:
+            detail = f"not reading: {exc}"
+            self._drop(client, DropReason.DISCONNECTED, detail)
+            if client.name and self._protocol is not None:
+                # Not now: we may be carrying out the protocol's actions at this moment.
+                asyncio.get_running_loop().call_soon(self._loop.feed, ConnectionFault(
+                    client.name, DropReason.DISCONNECTED, detail))
 
-    async def _write(self, client: _Client) -> None:
-        while True:
-            frame = await client.outbox.get()
-            if frame is None:
-                return
-            try:
-                await client.connection.send(frame)
-                self._bytes_out += len(frame)
-            except ConnectionClosed:
-                return
+    def _drop(self, client: _Client, reason: DropReason, detail: str) -> None:
+        """Cut a connection off for what it sent (or did not read)."""
+        log.warning("dropping %s: %s: %s", client.label, reason.value, detail)
+        self._close_after_flush(client, detail)
 
-    async def _stop_writer(self, client: _Client) -> None:
-        client.outbox.put_nowait(None)
-        if client.writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.writer, 2)
-        await client.connection.close()
+    def _reject(self, client: _Client, reason: DropReason, detail: str) -> None:
+        log.warning("rejecting %s: %s", client.label, detail)
+        self._enqueue(client, encode(Envelope(session=self.session,
+                                              round=max(self._round_number, 0), sender=SERVER,
+                                              body=Rejected(reason=detail))))
+        self._close_after_flush(client, detail)
+
+    def _close_after_flush(self, client: _Client, reason: str) -> None:
+        if client.closing is not None:
+            return
+
+        async def close_later() -> None:
+            await client.outbox.drain(CLOSE_FLUSH_SECONDS)
+            await client.connection.close(code=1008, reason=reason[:120])
+
+        client.closing = asyncio.get_running_loop().create_task(close_later())

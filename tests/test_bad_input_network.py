@@ -3,7 +3,8 @@
 Malformed frames, wrong types, text frames, oversized frames, unknown message
 types, replays from another session or an earlier round, forged senders and
 duplicate ids. In every case the offending connection is closed with a logged
-reason (and, for a registered peer, the drop reason ``bad_message``), and the
+reason (and, for a registered peer, a specific drop reason such as
+``forged_sender``, ``wrong_session`` or ``malformed_message``), and the
 honest peers still finish the round with the exact sum.
 
 Attacks from a registered client happen after registration closed: the attacker
@@ -214,38 +215,38 @@ REGISTERED: dict[str, tuple[RegisteredAttack, str, str | None]] = {
     "forged-sender": (
         send_frame(lambda c: encode(Env(c.session, c.round, "p000",
                                         empty_message(ShareReport)))),
-        "forged sender", "bad_message"),
+        "forged sender", "forged_sender"),
     "replay-from-another-session": (
         send_frame(lambda c: encode(Env(os.urandom(16), c.round, c.name,
                                         empty_message(ShareReport)))),
-        "another session", "bad_message"),
-    "random-bytes": (send_frame(lambda c: random_frame(500, seed=3)), "malformed frame",
-                     "bad_message"),
-    "text-frame": (send_frame(lambda c: "\u00bfshare_report?"), "text frames", "bad_message"),
+        "another session", "wrong_session"),
+    "random-bytes": (send_frame(lambda c: random_frame(500, seed=3)), "malformed",
+                     "malformed_message"),
+    "text-frame": (send_frame(lambda c: "\u00bfshare_report?"), "text frames", "malformed_message"),
     "wrong-types": (
         send_frame(lambda c: packed(WIRE_VERSION, ShareReport.TYPE, c.session, c.round, c.name,
                                     all_fields(ShareReport, "everyone"))),
-        "expected a list", "bad_message"),
+        "expected a list", "malformed_message"),
     "unknown-type": (
         send_frame(lambda c: packed(WIRE_VERSION, "reveal_inputs", c.session, c.round, c.name,
                                     {})),
-        "unknown message type", "bad_message"),
+        "unknown message type", "malformed_message"),
     "message-not-allowed-now": (
         send_frame(lambda c: encode(Env(c.session, c.round, c.name,
                                         RootAbort(contributor_count=0)))),
-        "cannot accept", "bad_message"),
+        "cannot accept", "unexpected_message"),
     "peer-message-to-the-server": (
         send_frame(lambda c: encode(Env(c.session, c.round, c.name,
                                         EncryptedShares(ciphertext=b"x" * 64)))),
-        "cannot accept", "bad_message"),
+        "cannot accept", "unexpected_message"),
     "server-message-from-a-peer": (
         send_frame(lambda c: encode(Env(c.session, c.round, c.name,
                                         Rejected(reason="you are out")))),
-        "cannot accept", "bad_message"),
+        "cannot accept", "unexpected_message"),
     "claims-to-be-the-server": (
         send_frame(lambda c: encode(Env(c.session, c.round, "server",
                                         Refusal(reason="I am the server")))),
-        "forged sender", "bad_message"),
+        "forged sender", "forged_sender"),
 }
 
 

@@ -120,3 +120,40 @@ def test_paillier_quick() -> None:
     assert by_bench["paillier_bytes"]["ratio"] == pytest.approx(
         by_bench["paillier_bytes"]["bytes_per_value"] / 4)
     assert by_bench["paillier_decrypt"]["exact"] is True
+
+
+RATIO_KEYS = {"bench", "params", "raw_seconds", "ratio", "target_ratio", "meets_target", "parts",
+              "cpu_ratio", "status", "exact", "u2", "u3", "counts"}
+
+
+def test_sim_round_quick() -> None:
+    (r,) = run_script("sim_round.py", "--quick", "--repeat", "1")
+    assert r.keys() >= RATIO_KEYS | {"seconds"}
+    assert r["bench"] == "sim_round"
+    assert r["params"]["n"] == 12 and r["params"]["d"] == 2000
+    assert r["status"] == "ok" and r["exact"] is True
+    # Everyone took part in R1; the scripted 30 % died before their masked input.
+    assert r["u2"] == 12 and r["u3"] == 12 - round(0.3 * 12)
+    assert positive(r["seconds"]) and positive(r["raw_seconds"])
+    assert r["ratio"] == pytest.approx(r["seconds"] / r["raw_seconds"])
+    assert r["raw_seconds"] == pytest.approx(sum(r["parts"].values()))
+    assert r["meets_target"] is (r["ratio"] <= r["target_ratio"] == 1.5)
+    contributors, dropped = r["u3"], r["u2"] - r["u3"]
+    assert r["counts"]["server_agreements"] == dropped * contributors
+    assert r["counts"]["mask_expansions"] == contributors * 12 + contributors * (dropped + 1)
+
+
+def test_server_unmask_quick() -> None:
+    (r,) = run_script("server_unmask.py", "--quick")
+    assert r.keys() >= RATIO_KEYS | {"server_seconds", "server_cpu_seconds", "round_seconds"}
+    assert r["bench"] == "server_unmask"
+    assert r["params"]["n"] == 20
+    assert r["status"] == "ok" and r["exact"] is True
+    assert positive(r["server_seconds"]) and positive(r["raw_seconds"])
+    # The server is a part of the round.
+    assert r["server_seconds"] < r["round_seconds"]
+    assert r["ratio"] == pytest.approx(r["server_seconds"] / r["raw_seconds"])
+    assert r["meets_target"] is (r["ratio"] <= r["target_ratio"] == 1.3)
+    contributors, dropped = r["u3"], r["u2"] - r["u3"]
+    assert r["counts"]["agreements"] == dropped * contributors
+    assert r["counts"]["mask_expansions"] == dropped * contributors + contributors

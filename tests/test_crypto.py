@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import secagg.crypto.shamir as shamir_module
 from secagg.crypto.aead import AssociatedData, open_sealed, seal
 from secagg.crypto.kdf import PROTOCOL_ID, derive_key
 from secagg.crypto.keys import KeyPair, agree, generate_keypair, validate_public_key
@@ -23,9 +25,12 @@ from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.shamir import (
     PRIME,
     SHARE_LENGTH,
+    ReconstructionError,
     Share,
     reconstruct,
     reconstruct_checked,
+    reconstruct_many,
+    reconstruct_many_checked,
     split,
 )
 from secagg.crypto.signing import SigningKey, generate_signing_key, sign, verify
@@ -481,6 +486,28 @@ def test_share_from_bytes_validates() -> None:
         Share.from_bytes(0, b"\x00" * 33)
 
 
+@given(index=st.integers(1, 2**32), values=st.lists(st.integers(0, PRIME - 1), max_size=8))
+def test_share_from_packed_equals_from_bytes(index: int, values: list[int]) -> None:
+    packed = b"".join(Share(index, v).to_bytes() for v in values)
+    shares = Share.from_packed(index, packed)
+    assert shares == [Share.from_bytes(index, packed[i:i + SHARE_LENGTH])
+                      for i in range(0, len(packed), SHARE_LENGTH)]
+    assert [hash(s) for s in shares] == [hash(Share(index, v)) for v in values]
+
+
+def test_share_from_packed_validates() -> None:
+    good = Share(1, 5).to_bytes()
+    assert Share.from_packed(1, b"") == []
+    with pytest.raises(ShamirError, match="multiple of 33"):
+        Share.from_packed(1, good + b"\x00")
+    with pytest.raises(ShamirError, match="outside"):
+        Share.from_packed(1, good + PRIME.to_bytes(33, "big"))
+    with pytest.raises(ShamirError, match="index"):
+        Share.from_packed(0, good)
+    with pytest.raises(ShamirError, match="index"):
+        Share.from_packed(PRIME, good)
+
+
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), secret=st.binary(min_size=32, max_size=32))
 def test_reconstruct_checked_detects_corrupted_extra_share(
@@ -497,6 +524,143 @@ def test_reconstruct_checked_detects_corrupted_extra_share(
     assert reconstruct(corrupted, threshold=t) == secret
     with pytest.raises(ShamirError, match=f"index {shares[bad].index} is inconsistent"):
         reconstruct_checked(corrupted, threshold=t)
+
+
+def naive_interpolate_at_zero(shares: list[Share]) -> int:
+    """Textbook Lagrange at 0, one inversion per share: the reference for the fast paths."""
+    total = 0
+    for i, si in enumerate(shares):
+        num = den = 1
+        for j, sj in enumerate(shares):
+            if i != j:
+                num = num * -sj.index % PRIME
+                den = den * (si.index - sj.index) % PRIME
+        total += si.value * num * pow(den, -1, PRIME)
+    return total % PRIME
+
+
+def index_sets(draw: st.DrawFn, t: int) -> list[int]:
+    """Share indices as the server meets them: dense subsets of 1..n (few gaps, small
+    or large n), sparse subsets of 1..n, and large indices, in a random order."""
+    kind = draw(st.sampled_from(["dense", "sparse", "large"]))
+    if kind == "dense":
+        gaps = draw(st.integers(0, max(0, t - 2)))
+        pool = list(range(1, t + gaps + 1))
+    elif kind == "sparse":
+        pool = list(range(1, draw(st.integers(t, 4 * t + 10)) + 1))
+    else:
+        pool = draw(st.lists(st.integers(1, PRIME - 1), min_size=t, max_size=t, unique=True))
+    return draw(st.permutations(pool))[:t]
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_reconstruct_many_equals_reconstruct(data: st.DataObject) -> None:
+    t = data.draw(st.integers(1, 40), label="t")
+    batch = data.draw(st.integers(0, 6), label="batch")
+    # Few distinct holder sets, reused in other orders, as a server batches them.
+    holder_sets = [data.draw(st.composite(index_sets)(t), label="holders")
+                   for _ in range(data.draw(st.integers(1, 3), label="sets"))]
+    share_lists = []
+    expected = []
+    for k in range(batch):
+        holders = data.draw(st.permutations(holder_sets[k % len(holder_sets)]), label="order")
+        values = data.draw(st.lists(st.integers(0, PRIME - 1), min_size=t, max_size=t),
+                           label="values")
+        shares = [Share(x, v) for x, v in zip(holders, values, strict=True)]
+        share_lists.append(shares)
+        value = naive_interpolate_at_zero(shares)
+        expected.append(value.to_bytes(32, "big") if value < 2**256 else None)
+    if None in expected:  # a value outside the secret range: both must refuse it
+        bad = expected.index(None)
+        with pytest.raises(ReconstructionError, match="not a valid secret") as info:
+            reconstruct_many(share_lists, threshold=t)
+        assert info.value.position == bad
+        with pytest.raises(ShamirError, match="not a valid secret"):
+            reconstruct(share_lists[bad], threshold=t)
+        return
+    assert reconstruct_many(share_lists, threshold=t) == expected
+    assert reconstruct_many_checked(share_lists, threshold=t) == expected
+    assert [reconstruct(shares, threshold=t) for shares in share_lists] == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), seed=st.binary(max_size=8))
+def test_reconstruct_many_recovers_split_secrets(data: st.DataObject, seed: bytes) -> None:
+    n = data.draw(st.integers(1, 60), label="n")
+    t = data.draw(st.integers(1, n), label="t")
+    secrets = data.draw(st.lists(st.binary(min_size=32, max_size=32), max_size=5),
+                        label="secrets")
+    sharings = [split(s, threshold=t, indices=range(1, n + 1), random_bytes=det_rng(seed))
+                for s in secrets]
+    # Any holders, each list in its own order; extra shares only matter to the checked form.
+    lists = [data.draw(st.permutations(shares), label="order")[:data.draw(
+        st.integers(t, n), label="used")] for shares in sharings]
+    assert reconstruct_many(lists, threshold=t) == secrets
+    assert reconstruct_many_checked(lists, threshold=t) == secrets
+
+
+def test_reconstruct_many_large_threshold_dense_and_scattered_holders() -> None:
+    # t = 251 of n = 500 (the server of a 500-peer round): the lowest live holders (few
+    # gaps below the top index) and a scattered set take different weight computations.
+    n, t = 500, 251
+    secret = bytes(range(32))
+    shares = split(secret, threshold=t, indices=range(1, n + 1), random_bytes=det_rng(b"big"))
+    gone = set(range(0, n, 7))
+    live = [s for s in shares if s.index - 1 not in gone]
+    scattered = live[::-1]
+    assert reconstruct_many([live[:t], scattered[:t], scattered[:t][::-1]],
+                            threshold=t) == [secret] * 3
+    assert reconstruct_many_checked([live[:t + 3]], threshold=t) == [secret]
+
+
+def test_reconstruct_many_errors_name_the_position() -> None:
+    good = split(b"\x33" * 32, threshold=3, indices=range(1, 6), random_bytes=det_rng(b"e"))
+    assert reconstruct_many([], threshold=3) == []
+    assert reconstruct_many_checked([], threshold=3) == []
+    with pytest.raises(ShamirError, match="threshold must be >= 1"):
+        reconstruct_many([good], threshold=0)
+    with pytest.raises(ReconstructionError, match="secret 1: need at least 3") as info:
+        reconstruct_many([good, good[:2]], threshold=3)
+    assert info.value.position == 1
+    with pytest.raises(ReconstructionError, match="secret 2: duplicate share index") as info:
+        reconstruct_many_checked([good, good, [*good[:3], good[0]]], threshold=3)
+    assert info.value.position == 2
+    corrupted = [*good[:4], Share(5, (good[4].value + 1) % PRIME)]
+    # Unchecked, the extra share is ignored; checked, it is caught and named.
+    assert reconstruct_many([good, corrupted], threshold=3) == [b"\x33" * 32] * 2
+    with pytest.raises(ReconstructionError, match="secret 1: share at index 5 is inconsistent"):
+        reconstruct_many_checked([good, corrupted], threshold=3)
+    # A consistent sharing of a value that is not a 32-byte secret.
+    out_of_range = [Share(x, 2**256 + 5 + x) for x in (1, 2)]
+    with pytest.raises(ReconstructionError, match=r"secret 0: .*not a valid secret"):
+        reconstruct_many([out_of_range], threshold=2)
+    # The single-list functions keep their messages, without a batch position.
+    with pytest.raises(ShamirError, match=r"^need at least 3"):
+        reconstruct(good[:2], threshold=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(points=st.lists(st.integers(1, 2**20 - 1), min_size=1, max_size=12, unique=True),
+       others=st.lists(st.integers(1, 2**20 - 1), max_size=30), block=st.integers(1, 40))
+def test_difference_products_numpy_blocks_are_exact(
+    points: list[int], others: list[int], block: int
+) -> None:
+    # The int64 grouping must never overflow, however the rows are split into blocks.
+    expected = [math.prod(o - p for o in others if o != p) for p in points]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shamir_module, "_NUMPY_BLOCK", block)
+        assert shamir_module._difference_products(points, others) == expected
+
+
+def test_weight_cache_stays_bounded() -> None:
+    size = shamir_module._BASIS_CACHE_SIZE
+    secret = b"\x44" * 32
+    shares = split(secret, threshold=2, indices=range(1, size + 40), random_bytes=det_rng(b"c"))
+    lists = [[shares[0], shares[k]] for k in range(1, len(shares))]  # all distinct sets
+    assert reconstruct_many(lists, threshold=2) == [secret] * len(lists)
+    assert len(shamir_module._BASES) <= size
+    assert reconstruct_many(lists[::-1], threshold=2) == [secret] * len(lists)
 
 
 # ---------------------------------------------------------------- Ed25519

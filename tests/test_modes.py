@@ -27,7 +27,7 @@ from test_sim import (
 )
 
 from secagg.crypto.aead import open_sealed, seal
-from secagg.errors import ProtocolError, WireError
+from secagg.errors import WireError
 from secagg.paillier import PaillierKeyPair, decrypt_vector, generate_keypair, public_key_bytes
 from secagg.protocol import (
     MessageReceived,
@@ -39,7 +39,13 @@ from secagg.protocol import (
     TimerExpired,
 )
 from secagg.protocol.common import PARTIAL_SUM, associated, round_limits, slot_layout
-from secagg.protocol.payload import CiphertextPayloads
+from secagg.protocol.errors import DropReason
+from secagg.protocol.events import Disconnect, FrameReceived
+from secagg.protocol.modes import round_mode
+from secagg.protocol.payload import CiphertextPayloads, decode_partial
+from secagg.protocol.peer.context import RoundContext
+from secagg.protocol.peer.relay import Relay
+from secagg.protocol.peer.tree import TreePhase
 from secagg.protocol.server import ServerProtocol
 from secagg.sim import Network, SimResult, peer_name, run_round
 from secagg.wire import (
@@ -48,8 +54,7 @@ from secagg.wire import (
     EncryptedPartialSum,
     EncryptedShares,
     Envelope,
-    PaillierPartialSum,
-    PaillierRootAggregate,
+    PartialSum,
     PeerDropped,
     PeerEntry,
     RootAggregate,
@@ -105,8 +110,11 @@ def check_paillier_round(case: Case, result: SimResult) -> None:
     n, t = case.n, case.t
     # A server in paillier mode holds no shares and asks for none.
     assert result.server_view.revealed_secrets() == {}
-    assert not any(isinstance(env.body, UnmaskShares | RootAggregate)
-                   for env in result.server_view.messages)
+    assert not any(isinstance(env.body, UnmaskShares) for env in result.server_view.messages)
+    # The one aggregate it receives is encrypted: Paillier ciphertexts, never a ring vector.
+    ciphertext_bytes = 2 * module_keys().key_bits // 8
+    assert all(len(env.body.payload) % ciphertext_bytes == 0
+               for env in result.server_view.messages if isinstance(env.body, RootAggregate))
     for members in result.server_view.vectors():
         assert len(members) >= t, f"ciphertexts of {len(members)} < t contributors released"
     registered = n - sum(1 for ph in case.dropouts.values() if ph == "advertise_keys")
@@ -225,6 +233,18 @@ def test_paillier_mode_rejects_the_sparse_graph() -> None:
 # What each mode protects against: a server colluding with one relay
 
 
+def _context(peer: PeerProtocol) -> RoundContext:
+    context = peer.phase.context
+    assert context is not None, "the peer has no roster yet"
+    return context
+
+
+def _relay(peer: PeerProtocol) -> Relay:
+    phase = peer.phase
+    assert isinstance(phase, TreePhase), f"{peer.name} is not in the tree phase"
+    return phase.relay
+
+
 class _Tap(Network):
     """A network that records every partial sum sent up the tree and can replace the
     payload one chosen peer sends (a peer that holds valid channel keys but lies)."""
@@ -236,7 +256,7 @@ class _Tap(Network):
 
     def _send(self, sender: str, action: Send) -> None:
         if action.envelope.type == EncryptedPartialSum.TYPE:
-            if self.forger == "first leaf" and not self.peers[sender]._expected:
+            if self.forger == "first leaf" and not _relay(self.peers[sender]).expected:
                 self.forger = sender
             if sender == self.forger:
                 action = self._forge(sender, action)
@@ -245,14 +265,14 @@ class _Tap(Network):
 
     def _forge(self, sender: str, action: Send) -> Send:
         peer = self.peers[sender]
-        target = peer._index_of[action.recipient]
+        context = _context(peer)
+        target = context.index_of[action.recipient]
         # Values >= n^2 are not ciphertexts: the relay must refuse the frame.
-        codec = peer._payloads
+        codec = context.codec
         assert isinstance(codec, CiphertextPayloads)
-        forged = encode_record(PaillierPartialSum(
-            ciphertexts=b"\xff" * (codec.count * codec.layout.ciphertext_bytes),
-            contributors=[peer.index]))
-        sealed = seal(peer._channel_key(target), forged,
+        forged = encode_record(PartialSum(payload=b"\xff" * codec.byte_length,
+                                          contributors=[peer.index]))
+        sealed = seal(context.channel_key(target), forged,
                       associated(peer.session, peer.round, PARTIAL_SUM, peer.index, target))
         return replace(action, envelope=replace(action.envelope,
                                                 body=EncryptedPartialSum(ciphertext=sealed)))
@@ -287,13 +307,13 @@ def test_server_colluding_with_a_relay(mode: str, keys: PaillierKeyPair) -> None
     leaves = 0
     for sender_name, action in network.partial_sums:
         sender, relay = network.peers[sender_name], network.peers[action.recipient]
-        plaintext = open_sealed(relay._channel_key(sender.index),
+        plaintext = open_sealed(_context(relay).channel_key(sender.index),
                                 action.envelope.body.ciphertext,  # type: ignore[attr-defined]
                                 associated(sender.session, 0, PARTIAL_SUM, sender.index,
                                            relay.index))
-        codec = relay._payloads
+        codec = _context(relay).codec
         assert isinstance(codec, CiphertextPayloads)
-        partial = codec.decode_partial(plaintext, relay.limits())
+        partial = decode_partial(codec, plaintext, relay.limits())
         if partial.contributors != (sender.index,):
             continue  # a relay's sum: the leaves are what matters here
         leaves += 1
@@ -330,18 +350,28 @@ def test_forged_ciphertexts_are_rejected_and_the_round_finishes(
 # Bad input
 
 
-def _roster_for(peer: PeerProtocol, session: bytes, mode: str, key: bytes) -> Envelope:
+def _roster_for(peer: PeerProtocol, session: bytes, mode: str, key: bytes, *,
+                full: bool = False) -> Envelope:
+    """A roster of 3 for ``peer`` (index 0): its own entry, or with ``full`` every
+    entry of the complete graph (what a round with masks lists)."""
     started = peer.start(session, 0, np.zeros(3))
     keys = started[0]
     assert isinstance(keys, Send)
     body = keys.envelope.body
     entry = PeerEntry(index=0, name=peer.name, address="", channel_key=body.channel_key,  # type: ignore[attr-defined]
                       mask_key=body.mask_key)  # type: ignore[attr-defined]
+    entries = [entry]
+    if full:
+        others = [PeerProtocol(f"peer-{c}").start(session, 0, np.zeros(3))[0] for c in "bc"]
+        entries += [PeerEntry(index=i, name=f"peer-{c}", address="",
+                              channel_key=s.envelope.body.channel_key,  # type: ignore[union-attr]
+                              mask_key=s.envelope.body.mask_key)  # type: ignore[union-attr]
+                    for i, (c, s) in enumerate(zip("bc", others, strict=True), start=1)]
     return Envelope(session=session, round=0, sender="server", body=Roster(
         your_index=0, size=3, threshold=2, dim=3, modulus_bits=32, clip=1.0, scale=1024.0,
         weighted=False, max_weight=1.0, threat_model="honest-but-curious",
-        graph_kind="complete", graph_seed=bytes(32), degree=3, share_threshold=2, fan_in=8,
-        phase_timeout=5.0, neighbours=[entry], mode=mode, paillier_key=key))
+        graph_kind="complete", graph_seed=bytes(32), degree=2, share_threshold=2, fan_in=8,
+        phase_timeout=5.0, neighbours=entries, mode=mode, paillier_key=key))
 
 
 def test_peer_requiring_hybrid_refuses_a_paillier_round(keys: PaillierKeyPair) -> None:
@@ -373,52 +403,91 @@ def test_peer_aborts_on_an_unusable_paillier_key(key: bytes) -> None:
     assert "Paillier" in peer.outcome.reason
 
 
+def _server_fault(actions: list[Any]) -> Disconnect:
+    """The one Disconnect a peer answers a bad server frame with (it also aborts)."""
+    disconnects = [a for a in actions if isinstance(a, Disconnect)]
+    assert len(disconnects) == 1 and disconnects[0].name == SERVER, actions
+    assert any(isinstance(a, RoundFinished) for a in actions)
+    return disconnects[0]
+
+
 def test_masking_roster_with_a_paillier_key_is_refused(keys: PaillierKeyPair) -> None:
     peer = PeerProtocol("peer-a")
-    roster = _roster_for(peer, bytes(SESSION_BYTES), "masking", public_key_bytes(keys.public))
-    with pytest.raises(ProtocolError):
-        peer.handle(MessageReceived(roster))
+    roster = _roster_for(peer, bytes(SESSION_BYTES), "masking", public_key_bytes(keys.public),
+                         full=True)
+    actions = peer.handle(MessageReceived(roster))
+    fault = _server_fault(actions)
+    assert fault.reason is DropReason.BAD_MESSAGE and "Paillier key" in fault.detail
+    assert not any(isinstance(a, Send) for a in actions)  # no share left the peer
+    assert peer.outcome is not None and peer.outcome.status == "aborted"
+    assert "Paillier key" in peer.outcome.reason
 
 
 def test_unknown_mode_in_a_roster_is_a_protocol_error(keys: PaillierKeyPair) -> None:
     peer = PeerProtocol("peer-a")
-    with pytest.raises(ProtocolError, match="unknown mode"):
-        peer.handle(MessageReceived(_roster_for(peer, bytes(SESSION_BYTES), "rot13", b"")))
+    actions = peer.handle(MessageReceived(_roster_for(peer, bytes(SESSION_BYTES), "rot13",
+                                                      b"")))
+    fault = _server_fault(actions)
+    assert fault.reason is DropReason.BAD_MESSAGE and "unknown mode" in fault.detail
+    assert peer.outcome is not None and peer.outcome.status == "aborted"
+    assert "unknown mode" in peer.outcome.reason
+
+
+def _server_in_masking(mode: str, keys: PaillierKeyPair) -> tuple[ServerProtocol, str]:
+    """A server of 3 peers in R2 (everyone shared keys), and the name of the tree root."""
+    session = bytes(SESSION_BYTES)
+    config = ServerConfig(session=session, round=0, min_peers=3, threshold=2, dim=3,
+                          mode=mode)  # type: ignore[arg-type]
+    server = ServerProtocol(config, paillier_keys=keys)
+    server.start()
+    for peer in [PeerProtocol(f"p{i}") for i in range(3)]:
+        for action in peer.start(session, 0, np.zeros(3)):
+            assert isinstance(action, Send)
+            server.handle(MessageReceived(action.envelope))
+    for name in list(server.names) if round_mode(mode).shares_keys else []:
+        server.handle(MessageReceived(Envelope(session=session, round=0, sender=name,
+                                               body=ShareReport(missing_from=[]))))
+    assert server.state == "masking" and server.root >= 0
+    return server, server.names[server.root]
 
 
 def test_server_refuses_an_aggregate_of_the_wrong_kind(keys: PaillierKeyPair) -> None:
     """A plaintext vector in a paillier round, and ciphertexts in a masking round, are
     dropped as bad messages; the round goes on (and here aborts cleanly)."""
-    for mode, body in (("paillier", RootAggregate(vector=np.zeros(3, np.uint32),
-                                                  contributors=[0, 1, 2])),
-                       ("masking", PaillierRootAggregate(ciphertexts=b"\x01" * 512,
-                                                         contributors=[0, 1, 2]))):
-        session = bytes(SESSION_BYTES)
-        config = ServerConfig(session=session, round=0, min_peers=3, threshold=2, dim=3,
-                              mode=mode)  # type: ignore[arg-type]
-        server = ServerProtocol(config, paillier_keys=keys)
-        peers = [PeerProtocol(f"p{i}") for i in range(3)]
-        server.start()
-        for peer in peers:
-            for action in peer.start(session, 0, np.zeros(3)):
-                assert isinstance(action, Send)
-                server.handle(MessageReceived(action.envelope))
-        root = server.names[server._root] if server._root >= 0 else "p0"
-        with pytest.raises(ProtocolError):
-            server.handle(MessageReceived(Envelope(session=session, round=0, sender=root,
-                                                   body=body)))
+    vector = np.zeros(3, np.uint32).tobytes()
+    for mode, payload in (("paillier", vector), ("masking", b"\x01" * 512)):
+        server, root = _server_in_masking(mode, keys)
+        env = Envelope(session=bytes(SESSION_BYTES), round=0, sender=root,
+                       body=RootAggregate(payload=payload, contributors=[0, 1, 2]))
+        # The wire limits refuse a payload of the wrong size before anything else ...
+        actions = server.handle(FrameReceived(root, encode(env)))
+        (cut,) = [a for a in actions if isinstance(a, Disconnect)]
+        assert (cut.name, cut.reason) == (root, DropReason.MALFORMED_MESSAGE)
+        assert "payload" in cut.detail and server.state == "masking"
+        assert server.dropped == {root: DropReason.MALFORMED_MESSAGE}
+        # ... and the payload codec does, for a driver that decoded without them.
+        server, root = _server_in_masking(mode, keys)
+        actions = server.handle(MessageReceived(replace(env, sender=root)))
+        (cut,) = [a for a in actions if isinstance(a, Disconnect)]
+        assert (cut.name, cut.reason) == (root, DropReason.MALFORMED_MESSAGE)
+        assert server.state == "masking" and server.u3 == frozenset()
+        actions = server.handle(TimerExpired("phase"))
+        outcome = server.outcome
+        assert outcome is not None and outcome.status == "aborted"
+        assert outcome.dropped[root] == "malformed_message"
+        assert any(isinstance(a, RoundFinished) for a in actions)
 
 
-def test_ciphertext_block_of_the_wrong_size_is_a_wire_error() -> None:
+def test_payload_block_of_the_wrong_size_is_a_wire_error() -> None:
     layout = slot_layout(key_bits=2048, modulus_bits=32, peers=10)
-    limits = round_limits(peers=10, dim=100, modulus_bits=32, layout=layout)
-    assert limits.ciphertext_bytes == layout.ciphertext_count(100) * 512
+    payload_bytes = layout.ciphertext_count(100) * layout.ciphertext_bytes
+    limits = round_limits(peers=10, dim=100, modulus_bits=32, payload_bytes=payload_bytes)
+    assert limits.payload_bytes == layout.ciphertext_count(100) * 512
     env = Envelope(session=bytes(SESSION_BYTES), round=0, sender="p0",
-                   body=PaillierRootAggregate(ciphertexts=b"\x01" * 511, contributors=[0]))
-    with pytest.raises(WireError, match="ciphertexts"):
+                   body=RootAggregate(payload=b"\x01" * (payload_bytes - 1), contributors=[0]))
+    with pytest.raises(WireError, match="payload"):
         decode(encode(env), limits)
-    good = replace(env, body=PaillierRootAggregate(
-        ciphertexts=b"\x01" * limits.ciphertext_bytes, contributors=[0]))
+    good = replace(env, body=RootAggregate(payload=b"\x01" * payload_bytes, contributors=[0]))
     assert decode(encode(good), limits).body == good.body
 
 
@@ -455,7 +524,7 @@ def test_slots_follow_the_roster_when_fewer_peers_register(keys: PaillierKeyPair
     assert len(rosters) == 128 and rosters[0].size == 128
     peer_layout = slot_layout(key_bits=2048, modulus_bits=32, peers=rosters[0].size)
     assert server.slot_layout == peer_layout and peer_layout.slot_bits == 40
-    assert server.limits().ciphertext_bytes == peer_layout.ciphertext_count(100) * 512
+    assert server.limits().payload_bytes == peer_layout.ciphertext_count(100) * 512
 
 
 @pytest.mark.parametrize("mode", ["paillier", "hybrid"])
@@ -481,7 +550,7 @@ def test_death_notices_reach_whoever_waits_in_place_of_a_dead_relay(
             server.handle(MessageReceived(Envelope(
                 session=session, round=0, sender=peer.name,
                 body=ShareReport(missing_from=[]))))
-    tree = server._tree
+    tree = server.tree
     assert tree is not None
     child = next(u for u in range(n) if len(tree.ancestors(u)) >= 2 and tree.children(u))
     parent, grandparent = tree.ancestors(child)[:2]

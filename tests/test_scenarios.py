@@ -1,6 +1,7 @@
 """The scenario scripts: the demo (every mode, both transports), the dropout study
-(--quick, both transports; a hybrid-mode run) and the scenario-file runner (every
-example, and bad files rejected in one line)."""
+(--quick, both transports; a hybrid-mode run; its rate grid, notes and plots), the
+FedAvg plot, the scenario-file runner (every example, and bad files rejected in one
+line), and every script's ``--help``."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_quick_dropout_study(transport: str, tmp_path: Path) -> None:
     phases = set(config["phases"])
     for n in config["peers"]:
         assert any(c["n"] == n and c["phase"] == "none" for c in cells)
-        for rate in config["rates"]:
+        for rate in config["rates"][str(n)]:
             if round(rate * n) > 0:
                 assert {c["phase"] for c in cells if c["n"] == n and c["rate"] == rate} == phases
     # Without drops every round succeeds with every peer.
@@ -112,6 +113,19 @@ def test_quick_dropout_study(transport: str, tmp_path: Path) -> None:
     for cell in cells:
         if cell["drops"] > cell["n"] - cell["threshold"] and transport == "sim":
             assert cell["ok"] == 0, cell
+    if transport == "sim":
+        # The default grid straddles the cliff at every n, and the notes say why rounds
+        # aborted in words and numbers, not placeholders.
+        for n in config["peers"]:
+            drops = {c["drops"] for c in cells if c["n"] == n}
+            survivable = n - (n // 2 + 1)
+            assert {survivable, survivable + 1} <= drops, (n, drops)
+        aborted = [c for c in cells if c["aborted"]]
+        assert aborted and all(c["abort_reasons"] for c in aborted)
+        for cell in aborted:
+            for reason in cell["abort_reasons"]:
+                assert "#" not in reason and re.search(r"\d", reason), reason
+        assert "threshold is" in proc.stdout and "#" not in proc.stdout
 
     for name in PLOTS:
         data = (out / name).read_bytes()
@@ -368,3 +382,188 @@ def test_parse_paillier_scenario() -> None:
         '5 = "consistency_check"\n'), "t")
     assert scenario.mode == "paillier"
     assert scenario.inapplicable_drops(0) == {4: "unmasking", 5: "consistency_check"}
+
+
+# ------------------------------------------------------------- help
+
+
+SCRIPTS = ["demo", "dropouts", "fedavg_torch", "run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scenario_help_names_the_module(script: str) -> None:
+    if script == "fedavg_torch":
+        pytest.importorskip("torch")
+    proc = run_module(f"scenarios.{script}", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: python -m scenarios.{script} "), proc.stdout
+    assert "`" not in proc.stdout
+
+
+# ------------------------------------------------------------- dropout study: pieces
+
+
+def test_merge_reasons() -> None:
+    from scenarios.dropouts import merge_reasons
+
+    assert merge_reasons([]) == []
+    assert merge_reasons(["U2 has 0 peers, below the threshold 11"] * 3) == \
+        ["U2 has 0 peers, below the threshold 11"]
+    assert merge_reasons(["only 9 masked inputs reached the root, threshold is 11",
+                          "only 10 masked inputs reached the root, threshold is 11",
+                          "U2 has 3 peers, below the threshold 11"]) == \
+        ["only 9–10 masked inputs reached the root, threshold is 11",
+         "U2 has 3 peers, below the threshold 11"]
+    self_mask = "cannot unmask: too few live holders of shares of the self mask of {} (11 needed)"
+    assert merge_reasons([self_mask.format("'peer-00000'"),
+                          self_mask.format("'peer-00001'")]) == \
+        [self_mask.format("'peer-00000' or 'peer-00001'")]
+    assert merge_reasons([self_mask.format(f"'peer-0000{i}'") for i in range(4)]) == \
+        [self_mask.format("'peer-00000' and 3 others")]
+
+
+@pytest.mark.parametrize("transport", ["sim", "websockets"])
+def test_default_rates_straddle_the_cliff(transport: str) -> None:
+    from scenarios.dropouts import DEFAULTS, QUICK, drop_count, rate_grid
+
+    for settings in (DEFAULTS[transport], {**DEFAULTS[transport], **QUICK[transport]}):
+        for n in settings["peers"]:
+            grid = rate_grid(n, settings["rates"], settings["cliff"])
+            drops = [drop_count(rate, n) for rate in grid]
+            assert drops == sorted(set(drops)) and drops[0] == 0, (n, grid)
+            survivable = n - (n // 2 + 1)
+            if settings["cliff"]:
+                # The last drop count that succeeds and the first that does not.
+                assert survivable in drops and survivable + 1 in drops, (n, grid)
+    assert rate_grid(20, [0.0, 0.2], cliff=False) == [0.0, 0.2]
+    assert rate_grid(20, [0.0, 0.45, 0.2], cliff=True) == [0.0, 0.2, 0.45, 0.5]
+
+
+def _synthetic_study(peers: tuple[int, ...]) -> tuple[list[dict[str, Any]],
+                                                      list[dict[str, Any]], list[str]]:
+    """Cells and runs shaped like the study's, where a round succeeds iff drops <= n - t."""
+    from scenarios.dropouts import BASELINE, PHASE_CHOICES, drop_count, rate_grid
+
+    phases = [p for p in PHASE_CHOICES if p not in ("advertise_keys", "consistency_check")]
+    cells, runs = [], []
+    for n in peers:
+        t = n // 2 + 1
+        for rate in rate_grid(n, [0.0, 0.2, 0.4, 0.6], cliff=True):
+            drops = drop_count(rate, n)
+            for phase in ([BASELINE] if drops == 0 else phases):
+                ok = drops <= n - t
+                cells.append({"n": n, "rate": rate, "phase": phase, "drops": drops,
+                              "success_rate": 1.0 if ok else 0.0})
+                runs.append({"n": n, "rate": rate, "phase": phase,
+                             "status": "ok" if ok else "aborted",
+                             "wall_seconds": 0.01 * n * (1 + drops / n),
+                             "max_peer_bytes_sent": 200.0 * n, "server_bytes_in": 600.0 * n})
+    return cells, runs, phases
+
+
+def _renderer(fig: Any) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):  # a figure closed by pyplot
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def _texts_fit(fig: Any) -> None:
+    """Every panel (with its title, labels, tick labels, legend) and the figure's title
+    lie inside the figure: nothing is cut off."""
+    renderer = _renderer(fig)
+    box = fig.bbox
+    extents = [ax.get_tightbbox(renderer) for ax in fig.axes]
+    if fig.get_suptitle():
+        extents.append(fig._suptitle.get_window_extent(renderer))
+    for extent in extents:
+        assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1 and \
+            extent.y0 >= box.y0 - 1 and extent.y1 <= box.y1 + 1, (extent, box)
+
+
+def _no_point_under_legend(ax: Any, legend: Any) -> None:
+    area = legend.get_window_extent(_renderer(ax.figure))
+    for line in ax.lines:
+        for x, y in line.get_transform().transform(line.get_xydata()):
+            assert not area.contains(x, y), (line.get_label(), x, y)
+
+
+def test_success_plot_shows_the_cliff() -> None:
+    from scenarios.dropouts import CLIFF_LABEL, plot_success
+
+    cells, _runs, phases = _synthetic_study((10, 20, 50))
+    fig = plot_success(cells, phases, "sim")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["n = 10, t = 6", "n = 20, t = 11",
+                                               "n = 50, t = 26"]
+    for ax, n in zip(axes, (10, 20, 50), strict=True):
+        assert ax.get_xlabel() and not ax.texts  # no label drawn over the curves
+        curves = [line for line in ax.lines if line.get_label() in phases]
+        assert len(curves) == len(phases)
+        survivable = n - (n // 2 + 1)
+        for line in curves:
+            assert line.get_drawstyle() == "steps-post"
+            points = dict(zip(line.get_xdata(), line.get_ydata(), strict=True))
+            assert points[survivable / n] == 1.0 and points[(survivable + 1) / n] == 0.0
+        (cliff,) = [line for line in ax.lines if line.get_label() == CLIFF_LABEL]
+        assert list(cliff.get_xdata()) == [survivable / n] * 2
+    legend = axes[0].get_legend()
+    assert CLIFF_LABEL in [text.get_text() for text in legend.get_texts()]
+    _no_point_under_legend(axes[0], legend)
+    _texts_fit(fig)
+
+
+def test_success_plot_of_one_n_fits() -> None:
+    """One panel (e.g. --quick over websockets, n = 8, rates 0 and 0.25): the title
+    still fits, and the cliff line is inside the panel although no rate reached it."""
+    from scenarios.dropouts import CLIFF_LABEL, plot_success
+
+    cells, _runs, phases = _synthetic_study((8,))
+    cells = [cell for cell in cells if cell["drops"] <= 2]
+    fig = plot_success(cells, phases, "websockets, complete graph, masking mode")
+    (ax,) = fig.axes
+    (cliff,) = [line for line in ax.lines if line.get_label() == CLIFF_LABEL]
+    low, high = ax.get_xlim()
+    assert low < cliff.get_xdata()[0] == 3 / 8 < high
+    _texts_fit(fig)
+
+
+def test_time_and_bytes_plots_label_their_axes() -> None:
+    from scenarios.dropouts import AVERAGED, plot_bytes, plot_time
+
+    _cells, runs, phases = _synthetic_study((10, 20, 30))
+    fig = plot_time(runs, phases, "websockets, complete graph, masking mode")
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "linear"  # less than a decade: no log axis labelled 1.2×10^0
+    assert list(ax.get_xticks()) == [10, 20, 30]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["10", "20", "30"]
+    assert ax.get_ylabel() and AVERAGED in ax.get_title()
+    _no_point_under_legend(ax, ax.get_legend())
+    _texts_fit(fig)
+    fig = plot_bytes(runs, phases, "websockets, complete graph, masking mode")
+    assert AVERAGED in fig.get_suptitle()
+    for ax in fig.axes:
+        assert list(ax.get_xticks()) == [10, 20, 30] and ax.get_ylabel()
+    _no_point_under_legend(fig.axes[0], fig.axes[0].get_legend())
+    _texts_fit(fig)
+
+
+def test_fedavg_plot_keeps_every_point_visible(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from scenarios.fedavg_torch import plot
+
+    errors = [8e-16, 0.0, 0.0, 0.0, 9e-16, 0.0, 1e-15, 0.0]
+    rounds = [{"round": r, "secure_accuracy": 0.5 + 0.05 * r,
+               "plaintext_accuracy": 0.5 + 0.05 * r, "max_param_diff": 0.0,
+               "aggregate_error": errors[r], "aggregate_error_bound": 8e-14}
+              for r in range(8)]
+    report = {"rounds": rounds, "initial_accuracy": 0.04, "config": {"peers": 12}}
+    fig = plot(report, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
+    left, right = fig.axes
+    assert left.get_ylabel() and right.get_ylabel()
+    for ax in (left, right):
+        _no_point_under_legend(ax, ax.get_legend())
+    _texts_fit(fig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -20,15 +22,22 @@ def encode_info(*, purpose: str, session: bytes, round: int, context: bytes = b"
 
     Every variable-length field is length-prefixed (4-byte big-endian length).
     """
+    return _info(purpose, bytes(session), round, bytes(context))
+
+
+@lru_cache(maxsize=256)
+def _info(purpose: str, session: bytes, round: int, context: bytes) -> bytes:
+    # Cached: every mask of a round derives its key with the same info (a server
+    # removing 50,000 pair masks would otherwise rebuild it 50,000 times).
     if not 0 <= round < 2**64:
         raise CryptoError(f"round must fit in 8 unsigned bytes, got {round}")
     return b"".join(
         (
             _lp(PROTOCOL_ID),
             _lp(purpose.encode("ascii")),
-            _lp(bytes(session)),
+            _lp(session),
             round.to_bytes(8, "big"),
-            _lp(bytes(context)),
+            _lp(context),
         )
     )
 

@@ -69,6 +69,8 @@ class DropReason(StrEnum):
     """Unmasking shares that are malformed or were not requested."""
     AUTHENTICATION_FAILED = "authentication_failed"
     """A sealed frame that did not authenticate (CryptoError)."""
+    TOO_MANY_FRAMES = "too_many_frames"
+    """More early frames (sent before the phase that takes them) than may be buffered."""
     BAD_MESSAGE = "bad_message"
     """Any other fault in what it sent."""
 

@@ -23,9 +23,14 @@ from secagg.wire import Envelope
 
 @dataclass(frozen=True)
 class MessageReceived:
-    """A decoded, validated frame arrived (from the server or from a peer)."""
+    """A decoded, validated frame arrived (from the server or from a peer).
+
+    ``origin`` is as for :class:`FrameReceived`; ``None`` (tests, the simulator)
+    means the connection is known to belong to ``envelope.sender``.
+    """
 
     envelope: Envelope
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,10 @@ class FrameReceived:
     """Raw bytes arrived; the protocol decodes them with its own limits.
 
     ``origin`` is the name the driver has bound the connection to (``wire.SERVER``
-    for a peer's coordinator link, a peer name once a link is authenticated), or
-    ``""`` for a connection nobody has yet proven to own.
+    for a peer's coordinator link, a peer name once a link is authenticated), a
+    driver token (``#1``, ``#2``, ...) for a connection nobody has yet proven to
+    own, or ``""`` for a frame the coordinator forwarded (its AEAD authenticates
+    the sender; there is no connection to bind).
     """
 
     origin: str
@@ -70,8 +77,19 @@ class PeerConnected:
     connection: str
 
 
+@dataclass(frozen=True)
+class ConnectionFault:
+    """The driver cut the connection of ``origin`` off for a fault it detected itself
+    (a text frame, a frame over the size limit, a reader that does not read): the
+    protocol records ``reason`` for it and goes on as if it had left."""
+
+    origin: str
+    reason: DropReason
+    detail: str
+
+
 Event = (MessageReceived | FrameReceived | TimerExpired | PeerGone | DeliveryFailed
-         | PeerConnected)
+         | PeerConnected | ConnectionFault)
 
 
 # --------------------------------------------------------------------------

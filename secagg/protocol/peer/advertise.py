@@ -1,0 +1,159 @@
+"""R0 AdvertiseKeys: start with fresh keys, wait for the roster, and accept it.
+
+Accepting the roster is where the peer decides whether it takes part: a roster
+that contradicts itself or this peer (its own keys, the neighbour graph, unsigned
+keys under the active model) is the server's fault; a consistent round this peer
+will not join (another mode than it insists on, an input of another length,
+unusable encoding or Paillier parameters) is declined. Either way the round ends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from secagg.crypto.keys import generate_keypair
+from secagg.crypto.signing import sign
+from secagg.errors import CryptoError, EncodingError, ProtocolError
+from secagg.protocol.common import Encoder, check_round_shape, signed_keys_message
+from secagg.protocol.errors import DropReason, RemoteProtocolError
+from secagg.protocol.events import Action
+from secagg.protocol.modes import round_mode
+from secagg.protocol.peer.context import PeerSettings, RoundContext, RoundInput
+from secagg.protocol.peer.live import LivePhase, live_accepts, live_events
+from secagg.protocol.peer.phase import PeerPhase, PeerState, Step, to
+from secagg.protocol.peer.share import ReportedPhase, start_sharing
+from secagg.wire import AdvertiseKeys, EncryptedPartialSum, EncryptedShares, Roster
+
+_S = PeerState
+
+
+class RoundDeclined(Exception):
+    """A consistent round this peer does not take part in (not the server's fault)."""
+
+
+class IdlePhase(PeerPhase):
+    """Constructed, not started: nothing is accepted until ``start``."""
+
+    STATE = _S.IDLE
+
+    def __init__(self, settings: PeerSettings) -> None:
+        self.settings = settings
+
+    def start(self, session: bytes, round: int, vector: np.ndarray, weight: float,
+              rejected: list[str]) -> tuple[list[Action], AdvertisedPhase]:
+        """Generate the round's key pairs and advertise them to the server (R0)."""
+        settings = self.settings
+        channel_keys = generate_keypair(settings.random_bytes)
+        mask_keys = generate_keypair(settings.random_bytes)
+        identity_key, signature = b"", b""
+        if settings.identity is not None:
+            identity_key = settings.identity.public_bytes
+            signature = sign(settings.identity, signed_keys_message(
+                session, round, settings.name, channel_keys.public_bytes,
+                mask_keys.public_bytes))
+        input = RoundInput(settings=settings, session=session, round=round, vector=vector,
+                           weight=weight, channel_keys=channel_keys, mask_keys=mask_keys,
+                           rejected=rejected)
+        advert = input.to_server(AdvertiseKeys(
+            address=settings.address, channel_key=channel_keys.public_bytes,
+            mask_key=mask_keys.public_bytes, identity_key=identity_key, signature=signature))
+        return [advert], AdvertisedPhase(input)
+
+
+class AdvertisedPhase(LivePhase):
+    """Keys sent; waiting for the roster. Neighbours that got theirs first may already
+    send shares (and leaves their partial sums): those wait in the early buffer."""
+
+    STATE = _S.ADVERTISED
+    ACCEPTS = live_accepts(STATE, {
+        Roster.TYPE: to("on_roster", _S.SHARING, _S.REPORTED, _S.FINISHED)})
+    DEFERS = frozenset({EncryptedShares.TYPE, EncryptedPartialSum.TYPE})
+    EVENTS = live_events(STATE)
+
+    def __init__(self, input: RoundInput) -> None:
+        super().__init__(input, None)
+
+    def on_roster(self, roster: Roster) -> Step:
+        try:
+            context = accept_roster(self.input, roster)
+        except RoundDeclined as declined:
+            return self.abort(str(declined))
+        if not context.mode.shares_keys:
+            # Nothing to share: wait for the tree (which the server sends right away).
+            return [], ReportedPhase(context)
+        return start_sharing(context)
+
+
+def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
+    """The round's context from ``roster``: RemoteProtocolError if the roster is
+    inconsistent, RoundDeclined if this peer does not take part."""
+    settings = input.settings
+    try:
+        check_round_shape(roster.size, roster.threshold, roster.threat_model,
+                          roster.graph_kind, roster.mode)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(str(exc), DropReason.BAD_MESSAGE) from None
+    if not 0 <= roster.your_index < roster.size:
+        raise RemoteProtocolError("roster index out of range", DropReason.BAD_MESSAGE)
+    mode = round_mode(roster.mode)
+    required = settings.required_mode
+    if required is not None and mode != required:
+        # A server must not talk a peer into another mode than it agreed to.
+        raise RoundDeclined(f"the round runs in {mode.name} mode, this peer takes part "
+                            f"only in {required.name} mode")
+    try:
+        graph = settings.graph_factory(roster.graph_kind, roster.size, roster.threshold,
+                                       roster.graph_seed)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"roster graph: {exc}", DropReason.BAD_MESSAGE) from None
+    if (graph.degree, graph.share_threshold) != (roster.degree, roster.share_threshold):
+        raise RemoteProtocolError("roster graph parameters do not match the graph seed",
+                                  DropReason.BAD_MESSAGE)
+    neighbours = mode.neighbourhood(graph.neighbours(roster.your_index), roster.your_index)
+    entries = {entry.index: entry for entry in roster.neighbours}
+    if sorted(entries) != list(neighbours) or len(entries) != len(roster.neighbours):
+        raise RemoteProtocolError("roster neighbour list does not match the neighbour graph",
+                                  DropReason.BAD_MESSAGE)
+    own = entries[roster.your_index]
+    if (own.name, own.channel_key, own.mask_key) != (
+            settings.name, input.channel_keys.public_bytes, input.mask_keys.public_bytes):
+        raise RemoteProtocolError("the roster does not carry this peer's own keys",
+                                  DropReason.INVALID_KEYS)
+    try:
+        encoder = Encoder.create(n=roster.size, dim=roster.dim, clip=roster.clip,
+                                 scale=roster.scale, modulus_bits=roster.modulus_bits,
+                                 weighted=roster.weighted, max_weight=roster.max_weight)
+    except EncodingError as exc:
+        raise RoundDeclined(f"unusable encoding parameters: {exc}") from None
+    wire_dim = input.vector.shape[0] + (1 if roster.weighted else 0)
+    if wire_dim != roster.dim:
+        raise RoundDeclined(f"input has {input.vector.shape[0]} coordinates but the round "
+                            f"expects {roster.dim - (1 if roster.weighted else 0)}")
+    try:
+        codec = mode.codec(modulus_bits=roster.modulus_bits, dim=roster.dim,
+                           peers=roster.size, paillier_key=roster.paillier_key)
+    except (CryptoError, EncodingError) as exc:
+        raise RoundDeclined(f"unusable Paillier parameters: {exc}") from None
+    except ValueError as exc:  # a Paillier key in a round without encryption
+        raise RemoteProtocolError(str(exc), DropReason.BAD_MESSAGE) from None
+    context = RoundContext(input, roster, mode, codec, encoder, neighbours)
+    context.add_contacts(roster.neighbours)
+    return context
+
+
+def checked_input(vector: np.ndarray, weight: float) -> tuple[np.ndarray, float]:
+    """The round's input, checked once before anything is sent (ValueError otherwise)."""
+    values = np.array(vector, dtype=np.float64)  # a copy: the caller may reuse its array
+    if values.ndim != 1:
+        raise ValueError(f"input must be a 1-D vector, got shape {values.shape}")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"input contains NaN or inf ({int(bad.sum())} coordinates, the "
+                         f"first is {first}: {values[first]})")
+    checked = float(weight)
+    if not math.isfinite(checked) or checked < 0:
+        raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+    return values, checked

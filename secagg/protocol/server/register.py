@@ -1,0 +1,160 @@
+"""R0, registration: peers advertise their keys until ``min_peers`` have, or the deadline.
+
+Registration is judged here alone: a connection registers under a name (and is
+bound to it) only with a valid, first registration of that name while
+registration is open. Closing it fixes the roster U1, draws the neighbour graph
+and sends each peer its roster.
+"""
+
+from __future__ import annotations
+
+from secagg.crypto.signing import verify
+from secagg.errors import CryptoError
+from secagg.graph import make_graph
+from secagg.protocol.common import signed_keys_message
+from secagg.protocol.errors import DropReason, RemoteProtocolError
+from secagg.protocol.events import Action, Bind, SetTimer, is_connection_token
+from secagg.protocol.server.base import PHASE_TIMER, ServerPhase, ServerState, Step, accepts, on
+from secagg.protocol.server.collect import begin_collect
+from secagg.protocol.server.context import ServerContext
+from secagg.protocol.server.finished import abort
+from secagg.protocol.server.share import SharePhase
+from secagg.wire import AdvertiseKeys, Envelope, PeerEntry, Roster, RoundOpen
+
+_S = ServerState
+
+
+def round_open(ctx: ServerContext) -> Envelope:
+    """The round's notice: the one every peer gets, whenever it connects."""
+    config = ctx.config
+    return ctx.envelope(RoundOpen(
+        dim=config.dim, weighted=config.weighted, max_peers=config.min_peers,
+        mode=config.mode,
+        paillier_key_bits=config.paillier_key_bits if ctx.mode.encrypts else 0))
+
+
+def begin_registration(ctx: ServerContext) -> Step:
+    return [SetTimer(PHASE_TIMER, ctx.config.phase_timeout)], RegisterPhase(ctx)
+
+
+class RegisterPhase(ServerPhase):
+    """R0: collecting keys."""
+
+    STATE = _S.COLLECTING_KEYS
+    ACCEPTS = accepts({
+        AdvertiseKeys.TYPE: on("on_advertise", _S.COLLECTING_KEYS, _S.SHARING, _S.MASKING,
+                               _S.FINISHED),
+    })
+    ON_TIMER = on("on_timer", _S.SHARING, _S.MASKING, _S.FINISHED)
+    ON_PEER_GONE = on("on_peer_gone", _S.COLLECTING_KEYS)
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        self.registered: dict[str, AdvertiseKeys] = {}
+        self.cut_off_names: set[str] = set()
+        """Names whose registration was cut off: they may not come back this round."""
+
+    def on_connected(self, token: str) -> list[Action]:
+        return [self.ctx.send_to(token, round_open(self.ctx).body)]
+
+    def check_sender(self, env: Envelope) -> None:
+        return  # nobody is on a roster yet: the registration handler judges
+
+    def on_advertise(self, origin: str, env: Envelope) -> Step:
+        keys = env.body
+        assert isinstance(keys, AdvertiseKeys)
+        ctx, name = self.ctx, env.sender
+        token = is_connection_token(origin)
+        # A new connection is turned away (told why, then closed: see the dispatcher);
+        # a registered peer registering again on its own connection is a replay.
+        if name in self.registered and token:
+            raise RemoteProtocolError(f"peer id {name!r} is already registered in this "
+                                      "round (duplicate id)", DropReason.DUPLICATE_ID)
+        if name in self.registered:
+            raise RemoteProtocolError(f"duplicate registration for peer id {name!r}",
+                                      DropReason.DUPLICATE_MESSAGE)
+        if name in self.cut_off_names:
+            raise RemoteProtocolError(f"peer id {name!r} was dropped from this round: "
+                                      f"{ctx.drop_details.get(name, '')}",
+                                      DropReason.NOT_REGISTERED)
+        if ctx.config.threat_model == "active":
+            try:
+                verify(keys.identity_key, signed_keys_message(
+                    env.session, env.round, name, keys.channel_key, keys.mask_key),
+                    keys.signature)
+            except CryptoError as exc:
+                raise RemoteProtocolError(f"keys of {name!r} are not validly signed: {exc}",
+                                          DropReason.INVALID_KEYS) from None
+        if keys.channel_key == keys.mask_key:
+            raise RemoteProtocolError(f"{name!r} advertised the same key twice",
+                                      DropReason.INVALID_KEYS)
+        self.registered[name] = keys
+        # Bound first, so that the roster below reaches the connection by its name.
+        actions: list[Action] = [Bind(origin, name)] if token else []
+        if len(self.registered) >= ctx.config.min_peers:
+            ctx.registration_closed = (
+                f"registration for this round is closed: min_peers={ctx.config.min_peers} "
+                "peers already registered; raise min_peers to admit more")
+            more, phase = self._close()
+            return actions + more, phase
+        return actions, self
+
+    def on_timer(self) -> Step:
+        self.ctx.registration_closed = (
+            f"registration for this round is closed: its deadline passed with "
+            f"{len(self.registered)} peers registered; raise phase_timeout to wait longer")
+        return self._close()
+
+    def on_peer_gone(self, name: str) -> Step:
+        self.registered.pop(name, None)  # not on a roster yet: simply not registered
+        return [], self
+
+    def cut_off(self, name: str, reason: DropReason, detail: str) -> Step:
+        if name in self.registered:
+            self.ctx.drop_name(name, reason, detail)
+            self.cut_off_names.add(name)
+        return self.on_peer_gone(name)
+
+    def _close(self) -> Step:
+        """Fix U1, draw the graph, send the rosters; R1 next (R2 without shared keys)."""
+        ctx, config = self.ctx, self.ctx.config
+        ctx.names = sorted(self.registered)
+        ctx.index = {name: u for u, name in enumerate(ctx.names)}
+        n = len(ctx.names)
+        if n < config.threshold:
+            # The registered are on the list only so that they are told the outcome.
+            return abort(ctx, f"only {n} peers registered, threshold is {config.threshold}",
+                         None)
+        ctx.entries = [PeerEntry(index=u, name=name, address=keys.address,
+                                 channel_key=keys.channel_key, mask_key=keys.mask_key,
+                                 identity_key=keys.identity_key, signature=keys.signature)
+                       for u, (name, keys) in
+                       enumerate((name, self.registered[name]) for name in ctx.names)]
+        graph_seed = ctx.random_bytes(32)
+        graph = make_graph(config.graph, n, config.threshold, graph_seed)
+        ctx.graph = graph
+        ctx.size_for_roster()
+        ctx.stats.update(registered=n, mode=config.mode, graph=config.graph,
+                         degree=graph.degree, share_threshold=graph.share_threshold)
+        quantizer, paillier_key = ctx.encoder.quantizer, ctx.paillier_key
+        actions: list[Action] = [SetTimer(PHASE_TIMER, config.phase_timeout)]
+        for u in range(n):
+            # Without masks nobody needs anyone's keys until the tree is known.
+            neighbours = ctx.mode.neighbourhood(graph.neighbours(u), u)
+            actions.append(ctx.send(u, Roster(
+                your_index=u, size=n, threshold=config.threshold, dim=config.wire_dim,
+                modulus_bits=quantizer.modulus_bits, clip=config.clip, scale=quantizer.scale,
+                weighted=config.weighted, max_weight=config.max_weight,
+                threat_model=config.threat_model, graph_kind=graph.kind,
+                graph_seed=graph_seed, degree=graph.degree,
+                share_threshold=graph.share_threshold, fan_in=config.fan_in,
+                phase_timeout=config.phase_timeout,
+                neighbours=[ctx.entries[v] for v in neighbours], mode=config.mode,
+                paillier_key=paillier_key)))
+        if not ctx.mode.shares_keys:
+            # No secrets to share, so no R1: everyone registered goes up the tree.
+            ctx.u2 = frozenset(range(n))
+            ctx.stats["u2"] = n
+            more, phase = begin_collect(ctx, graph, holders={})
+            return actions + more, phase
+        return actions, SharePhase(ctx, graph)
