@@ -9,7 +9,7 @@ round's contributors, which every party applies to the global model::
     client = FedAvgClient(peer)
     outcome = await client.contribute_update(trained.state_dict(), global_state, n_samples)
     ...
-    apply_aggregate(global_model, result.outcome.aggregate, spec)
+    apply_aggregate(global_model, result.outcome.mean, spec)
 
 Coordinator settings that fit: ``weighted=True``, ``dim=spec.size``,
 ``max_weight`` >= the largest sample count, ``clip`` >= the largest delta
@@ -117,7 +117,7 @@ def apply_aggregate(model: torch.nn.Module, aggregate: np.ndarray, spec: StateSp
     """Add the aggregated (weighted mean) delta to ``model`` in place.
 
     ``aggregate`` is the coordinator's decoded weighted mean
-    (``RoundResult.outcome.aggregate``), laid out as ``spec`` (from
+    (``RoundResult.outcome.mean``: Σ n_i·delta_i / Σ n_i), laid out as ``spec`` (from
     :func:`update_spec` or a client's ``last_spec``). Entries outside ``spec``
     (integer buffers) keep the model's own values.
     """

@@ -347,14 +347,14 @@ async def run(cfg: Config, data: Dataset,
             error: float | None = None
             bound: float | None = None
             within = outcome.status != "ok"  # an aborted round changes neither model
-            if outcome.status == "ok" and outcome.aggregate is not None:
+            if outcome.status == "ok" and outcome.mean is not None:
                 assert outcome.total_weight is not None
                 exact = weighted_mean([v for v in sent if v is not None],
                                       [sizes[i] for i in index], cfg.clip)
-                error = float(np.max(np.abs(outcome.aggregate - exact)))
+                error = float(np.max(np.abs(outcome.mean - exact)))
                 bound = encoding.mean_error_bound(len(index), outcome.total_weight)
                 within = error < bound and outcome.total_weight == expected_weight
-                secure_state = apply_mean(cfg, secure_state, outcome.aggregate)
+                secure_state = apply_mean(cfg, secure_state, outcome.mean)
                 # Plaintext run: the same contributors, trained from the plaintext model.
                 plain_deltas = [flatten_state(state_delta(
                     local_train(cfg, data, i, r, plain_state), plain_state))[0] for i in index]

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey, generate_signing_key
+from secagg.dp import DPConfig
 from secagg.driver import dispatch
 from secagg.graph import GraphKind, NeighbourGraph, make_graph
 from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
@@ -129,6 +130,13 @@ class SimResult:
     total_weight: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     outcome: ServerOutcome | None = None
+    clipped: int | None = None
+    """How many input coordinates the contributors clipped (summed securely)."""
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """The weighted mean of a weighted round (else the aggregate)."""
+        return self.outcome.mean if self.outcome is not None else self.aggregate
 
 
 def peer_name(index: int) -> str:
@@ -343,6 +351,7 @@ def run_round(
     mode: Mode = "masking",
     paillier_keys: PaillierKeyPair | None = None,
     paillier_key_bits: int = DEFAULT_KEY_BITS,
+    dp: DPConfig | None = None,
 ) -> SimResult:
     """Run one full round in memory and return what the server computed.
 
@@ -350,11 +359,19 @@ def run_round(
     (never registers), ``"share_keys"``, ``"masked_input"`` (dies before sending
     its masked input), ``"relay"`` (dies holding its children's sums, sending
     nothing), ``"consistency_check"`` (like ``"unmasking"`` without R3) or
-    ``"unmasking"``. With ``weights``, the aggregate is the weighted mean.
+    ``"unmasking"``. With ``weights``, the aggregate is the weighted sum Σ w·x and
+    ``mean`` the weighted mean (``total_weight`` is Σ w).
 
     ``mode`` is ``"masking"`` (the default), ``"paillier"`` or ``"hybrid"``; the
     latter two use ``paillier_keys`` as the server's key pair if given (generating
     one costs tens of milliseconds), else a fresh one of ``paillier_key_bits``.
+
+    The result's ``clipped`` counts the input coordinates the contributors clipped
+    to [-clip, clip] (summed securely, like the inputs).
+
+    ``dp`` adds distributed differential privacy: every peer adds its share of the
+    noise (see :mod:`secagg.dp`); the result's ``stats["dp"]`` reports the noise
+    present. ``clip`` is then the L2 clip of ``dp`` and ``modulus_bits`` its ring.
     """
     inputs = np.asarray(inputs, dtype=np.float64)
     if inputs.ndim != 2 or inputs.shape[0] < 2 or inputs.shape[1] < 1:
@@ -379,6 +396,8 @@ def run_round(
         if max_weight is None:
             max_weight = float(weight_values.max()) or 1.0
     bits = modulus_bits if modulus_bits is not None else (64 if weighted else 32)
+    if dp is not None:
+        bits, clip = dp.modulus_bits, dp.clip
 
     session = hashlib.sha256(f"secagg-sim-session/{seed}".encode()).digest()[:16]
     config = ServerConfig(session=session, round=0, min_peers=n, threshold=threshold, dim=d,
@@ -386,7 +405,7 @@ def run_round(
                           graph=graph, fan_in=fan_in, clip=clip, scale=scale,
                           modulus_bits=bits, weighted=weighted,
                           max_weight=max_weight if max_weight is not None else 1.0,
-                          phase_timeout=phase_timeout, mode=mode,
+                          phase_timeout=phase_timeout, mode=mode, dp=dp,
                           paillier_key_bits=(paillier_keys.key_bits if paillier_keys is not None
                                              else paillier_key_bits))
     server = ServerProtocol(config, random_bytes=DeterministicRandom(seed, "server"),
@@ -439,4 +458,4 @@ def run_round(
         server_view=ServerView(messages=tuple(server.view), names=tuple(server.names),
                                shares=tuple(server.shares_received)),
         reason=outcome.reason, total_weight=outcome.total_weight, stats=stats,
-        outcome=outcome)
+        outcome=outcome, clipped=outcome.clipped)

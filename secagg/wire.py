@@ -188,6 +188,26 @@ class SignedIndex:
     signature: Annotated[bytes, Blob(exact=64)]
 
 
+@dataclass(frozen=True)
+class DPSettings:
+    """A round's distributed-DP parameters as announced (``secagg.dp.DPConfig``, with
+    the scale the server derived); ``mechanism`` is empty in a round without DP."""
+
+    mechanism: Annotated[str, Text(16)] = ""
+    noise_multiplier: Positive = 0.0
+    clip: Positive = 0.0
+    delta: Annotated[float, RealRange(0.0, 1.0)] = 0.0
+    k_stddevs: Positive = 0.0
+    beta: Annotated[float, RealRange(0.0, 1.0)] = 0.0
+    scale: Positive = 0.0
+    max_sensitivity_inflation: Positive = 0.0
+    rotation_seed: OptionalKey32 = b""
+    """The round's public seed of the random rotation."""
+
+
+NO_DP = DPSettings()
+
+
 # --------------------------------------------------------------------------
 # R0: AdvertiseKeys
 
@@ -232,6 +252,10 @@ class Roster(Message):
     mode: Annotated[str, Text(16)] = "masking"
     paillier_key: PaillierKey = b""
     """The server's Paillier public modulus n (paillier and hybrid modes)."""
+    input_dim: Annotated[int, IntRange(0, 2**31 - 1)] = 0
+    """Coordinates of each peer's input (``dim`` counts the ring coordinates)."""
+    dp: DPSettings = NO_DP
+    """Distributed DP: how each peer noises its input (``mechanism`` empty: none)."""
 
 
 # --------------------------------------------------------------------------
@@ -484,6 +508,9 @@ class RoundOpen(Message):
     clip: Positive = 0.0
     """The clipping range c of the round's inputs (0: not announced), so a peer can
     tell before registering whether its input would be clipped."""
+    dp_noise_multiplier: Positive = 0.0
+    """The distributed-DP noise multiplier of the round (0: no DP), so a peer with a
+    noise floor can decline before registering."""
 
 
 @message

@@ -138,7 +138,6 @@ def write_round(out: Path, result: RoundResult) -> None:
         aggregate = outcome.aggregate
         if outcome.total_weight is not None:
             # Weighted rounds publish the weighted sum; the mean is sum / total_weight.
-            aggregate = aggregate * outcome.total_weight
             record["total_weight"] = outcome.total_weight
         tmp = out / f".round-{outcome.round}.npy"
         with open(tmp, "wb") as handle:

@@ -73,6 +73,11 @@ class RoundResult:
     def status(self) -> str:
         return self.outcome.status
 
+    @property
+    def mean(self) -> np.ndarray | None:
+        """Weighted rounds: the weighted mean (``aggregate`` is the weighted sum)."""
+        return self.outcome.mean
+
 
 MAX_OUTBOX_FRAMES = 4096
 """Frames queued for one client before it counts as not reading (and is dropped)."""

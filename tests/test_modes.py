@@ -205,8 +205,8 @@ def test_weighted_paillier_round(keys: PaillierKeyPair) -> None:
     result = run_round(inputs, 5, weights=weights, mode="paillier", paillier_keys=keys)
     assert result.status == "ok", result.reason
     expected = (weights[:, None] * inputs).sum(axis=0) / weights.sum()
-    assert result.aggregate is not None
-    assert np.abs(result.aggregate - expected).max() < 1e-6
+    assert result.mean is not None
+    assert np.abs(result.mean - expected).max() < 1e-6
     assert result.total_weight == pytest.approx(weights.sum(), rel=1e-6)
 
 

@@ -323,9 +323,11 @@ def test_transition_tables_reference_existing_handlers() -> None:
     for state in SERVER_PHASES:
         for key in server_events:
             assert (state, key) in SERVER_TRANSITIONS, (state, key)
-    # Only the finished phase takes anything: R0 takes only registrations.
+    # Only the finished phase takes anything: R0 takes only registrations (and
+    # withdrawals of peers that will not register).
     assert {key for state, key in SERVER_TRANSITIONS
-            if state is ServerState.COLLECTING_KEYS} == {"advertise_keys", *server_events}
+            if state is ServerState.COLLECTING_KEYS} == {"advertise_keys", "withdraw",
+                                                         *server_events}
 
 
 def test_peer_rejects_unlisted_transition_naming_state_and_type() -> None:

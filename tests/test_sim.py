@@ -384,8 +384,12 @@ def test_weighted_mean_is_within_bound() -> None:
     assert abs(result.total_weight - weights[c].sum()) < encoding.quantizer.error_bound(n)
     expected = (weights[c, None] * inputs[c]).sum(axis=0) / weights[c].sum()
     assert result.aggregate is not None and result.aggregate.shape == (d,)
+    assert result.mean is not None
     bound = encoding.mean_error_bound(n, result.total_weight)
-    assert np.abs(result.aggregate - expected).max() < bound
+    assert np.abs(result.mean - expected).max() < bound
+    # The aggregate is the weighted sum: exact up to the quantization of the sum.
+    expected_sum = (weights[c, None] * inputs[c]).sum(axis=0)
+    assert np.abs(result.aggregate - expected_sum).max() < encoding.quantizer.error_bound(n)
     # The weight rides as one more coordinate in the 64-bit ring.
     (payload,) = [env.body.payload for env in result.server_view.messages
                   if isinstance(env.body, RootAggregate)]

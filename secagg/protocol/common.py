@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg.crypto.aead import AssociatedData
 from secagg.crypto.kdf import PROTOCOL_ID, derive_key
 from secagg.crypto.keys import agree
-from secagg.encoding import Quantizer, WeightedEncoding
 from secagg.errors import ProtocolError
 from secagg.graph import GraphKind, check_threshold
+from secagg.protocol.encoder import Encoder as Encoder
 from secagg.protocol.modes import MODES as MODES
 from secagg.protocol.modes import Mode as Mode
 from secagg.protocol.modes import check_mode as check_mode
@@ -34,38 +32,6 @@ GRAPH_KINDS: tuple[GraphKind, ...] = ("complete", "sparse")
 CHANNEL = "channel"
 SHARE_KEYS = "share-keys"
 PARTIAL_SUM = "partial-sum"
-
-
-@dataclass(frozen=True)
-class Encoder:
-    """Turns a peer's float input into ring elements and the ring sum back into floats."""
-
-    quantizer: Quantizer
-    weighted: WeightedEncoding | None
-
-    @classmethod
-    def create(cls, *, n: int, dim: int, clip: float, scale: float | None, modulus_bits: int,
-               weighted: bool, max_weight: float) -> Encoder:
-        """Build (and capacity-check for ``n`` peers) the encoder a round uses.
-
-        ``dim`` is the caller's vector length; with ``weighted`` the wire carries dim + 1.
-        """
-        if weighted:
-            encoding = WeightedEncoding.for_peers(n, clip=clip, max_weight=max_weight,
-                                                  modulus_bits=modulus_bits, scale=scale)
-            return cls(quantizer=encoding.quantizer, weighted=encoding)
-        return cls(quantizer=Quantizer.for_peers(n, clip=clip, modulus_bits=modulus_bits,
-                                                 scale=scale), weighted=None)
-
-    @property
-    def dtype(self) -> np.dtype[np.unsignedinteger]:
-        dtype: np.dtype[np.unsignedinteger] = self.quantizer.dtype
-        return dtype
-
-    def encode(self, values: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
-        if self.weighted is not None:
-            return self.weighted.encode(values, weight, rng)
-        return self.quantizer.encode(values, rng)
 
 
 def round_limits(*, peers: int, dim: int, modulus_bits: int,

@@ -185,6 +185,8 @@ class PeerOutcome:
     contributor_count: int = 0
     included: bool = False
     """Whether this peer's own input is in the aggregate."""
+    clipped: int = 0
+    """How many of this peer's own coordinates were clipped to [-clip, clip]."""
 
 
 @dataclass(frozen=True)
@@ -199,4 +201,16 @@ class ServerOutcome:
     threshold: int
     reason: str = ""
     total_weight: float | None = None
+    """Weighted rounds: the sum of the contributors' weights (``aggregate`` is Σ w·x)."""
     stats: dict[str, Any] = field(default_factory=dict)
+    clipped: int | None = None
+    """How many input coordinates the contributors clipped to [-clip, clip], summed
+    securely (None in rounds that do not count them, e.g. with distributed DP)."""
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """The weighted mean Σ w·x / Σ w of a weighted round (else the aggregate)."""
+        if self.aggregate is None or self.total_weight is None:
+            return self.aggregate
+        mean: np.ndarray = self.aggregate / self.total_weight
+        return mean

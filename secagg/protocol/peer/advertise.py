@@ -15,6 +15,7 @@ import numpy as np
 
 from secagg.crypto.keys import generate_keypair
 from secagg.crypto.signing import sign
+from secagg.dp import DPConfig
 from secagg.errors import CryptoError, EncodingError, ProtocolError
 from secagg.protocol.common import Encoder, check_round_shape, signed_keys_message
 from secagg.protocol.errors import DropReason, RemoteProtocolError
@@ -121,16 +122,10 @@ def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
             settings.name, input.channel_keys.public_bytes, input.mask_keys.public_bytes):
         raise RemoteProtocolError("the roster does not carry this peer's own keys",
                                   DropReason.INVALID_KEYS)
-    try:
-        encoder = Encoder.create(n=roster.size, dim=roster.dim, clip=roster.clip,
-                                 scale=roster.scale, modulus_bits=roster.modulus_bits,
-                                 weighted=roster.weighted, max_weight=roster.max_weight)
-    except EncodingError as exc:
-        raise RoundDeclined(f"unusable encoding parameters: {exc}") from None
-    wire_dim = input.vector.shape[0] + (1 if roster.weighted else 0)
-    if wire_dim != roster.dim:
+    encoder = round_encoder(roster, settings.min_noise_multiplier)
+    if encoder.dim != input.vector.shape[0]:
         raise RoundDeclined(f"input has {input.vector.shape[0]} coordinates but the round "
-                            f"expects {roster.dim - (1 if roster.weighted else 0)}")
+                            f"expects {encoder.dim}")
     try:
         codec = mode.codec(modulus_bits=roster.modulus_bits, dim=roster.dim,
                            peers=roster.size, paillier_key=roster.paillier_key)
@@ -141,6 +136,41 @@ def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
     context = RoundContext(input, roster, mode, codec, encoder, neighbours)
     context.add_contacts(roster.neighbours)
     return context
+
+
+def round_encoder(roster: Roster, min_noise_multiplier: float | None) -> Encoder:
+    """The round's encoding as the roster announces it, checked against this peer's own
+    floor (RoundDeclined) and for consistency (RemoteProtocolError)."""
+    announced = roster.dp
+    dp: DPConfig | None = None
+    if announced.mechanism:
+        dp = DPConfig(noise_multiplier=announced.noise_multiplier, clip=announced.clip,
+                      mechanism=announced.mechanism,  # type: ignore[arg-type]
+                      delta=announced.delta, modulus_bits=roster.modulus_bits,
+                      k_stddevs=announced.k_stddevs, beta=announced.beta,
+                      scale=announced.scale,
+                      max_sensitivity_inflation=announced.max_sensitivity_inflation)
+    if min_noise_multiplier is not None:
+        offered = dp.noise_multiplier if dp is not None else 0.0
+        if offered < min_noise_multiplier:
+            raise RoundDeclined(f"the round adds distributed-DP noise of multiplier "
+                                f"{offered:g}, below this peer's floor "
+                                f"min_noise_multiplier={min_noise_multiplier:g}")
+    input_dim = roster.input_dim or roster.dim - (1 if roster.weighted else 0)
+    try:
+        encoder = Encoder.create(n=roster.size, dim=input_dim, clip=roster.clip,
+                                 scale=roster.scale, modulus_bits=roster.modulus_bits,
+                                 weighted=roster.weighted, max_weight=roster.max_weight,
+                                 threshold=roster.threshold, dp=dp)
+    except (EncodingError, ValueError) as exc:
+        raise RoundDeclined(f"unusable encoding parameters: {exc}") from None
+    if encoder.wire_dim != roster.dim:
+        raise RemoteProtocolError(f"the roster's ring has {roster.dim} coordinates, its "
+                                  f"encoding needs {encoder.wire_dim}", DropReason.BAD_MESSAGE)
+    if dp is not None and len(announced.rotation_seed) != 32:
+        raise RemoteProtocolError("a DP round's roster lacks the 32-byte rotation seed",
+                                  DropReason.BAD_MESSAGE)
+    return encoder
 
 
 def checked_input(vector: np.ndarray, weight: float) -> tuple[np.ndarray, float]:

@@ -86,6 +86,8 @@ class PeerSettings:
     mask_generator: MaskGenerator | None
     required_mode: RoundMode | None
     """The only mode this peer takes part in (None: whatever the server runs)."""
+    min_noise_multiplier: float | None = None
+    """The least distributed-DP noise this peer accepts (None: DP not required)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class RoundContext:
         self.shares: dict[int, tuple[shamir.Share, shamir.Share]] = {}
         """owner -> (share of b_owner, share of s_sk_owner) held by this peer."""
         self.self_mask_seed = b""
+        self.clipped = 0
+        """How many of this peer's coordinates its encoding clipped (set in R2)."""
         self._channel_private = load_private(input.channel_keys.private_bytes)
         self._channel_keys: dict[int, bytes] = {}
         self._seen: set[tuple[int, bytes]] = set()

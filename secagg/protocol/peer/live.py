@@ -61,7 +61,8 @@ class LivePhase(PeerPhase):
             status=outcome.status, round=self.input.round,
             contributors=tuple(outcome.contributors),
             contributor_count=outcome.contributor_count, included=outcome.included,
-            reason=outcome.reason))
+            reason=outcome.reason,
+            clipped=self._context.clipped if self._context is not None else 0))
 
     def on_rejected(self, rejected: Rejected) -> Step:
         return finish(self._context, PeerOutcome(status="rejected", round=self.input.round,

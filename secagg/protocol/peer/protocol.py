@@ -111,14 +111,20 @@ class PeerProtocol:
         graph_factory: GraphFactory = make_graph,  # type: ignore[assignment]
         mask_generator: MaskGenerator | None = None,
         mode: Mode | None = None,
+        min_noise_multiplier: float | None = None,
     ) -> None:
+        """``mode`` and ``min_noise_multiplier`` are this peer's own floor: it declines
+        rounds of another mode, or with less distributed-DP noise than that."""
+        if min_noise_multiplier is not None and not min_noise_multiplier >= 0:
+            raise ValueError(f"min_noise_multiplier must be >= 0, got {min_noise_multiplier}")
         self.name = name
         self.address = address
         self._settings = PeerSettings(
             name=name, address=address, random_bytes=random_bytes, identity=identity,
             trusted_identities=dict(trusted_identities or {}), graph_factory=graph_factory,
             mask_generator=mask_generator,
-            required_mode=round_mode(mode) if mode is not None else None)
+            required_mode=round_mode(mode) if mode is not None else None,
+            min_noise_multiplier=min_noise_multiplier)
         self.rejected: list[str] = []
         """Reasons for every frame this peer refused or ignored (for logs and tests)."""
         self._phase: PeerPhase = IdlePhase(self._settings)

@@ -77,7 +77,14 @@ def own_payload(context: RoundContext, survivors: frozenset[int]) -> Payload:
     random_bytes = context.settings.random_bytes
     rng = np.random.default_rng(np.frombuffer(random_bytes(32), dtype=np.uint32))
     input = context.input
-    ring = context.encoder.encode(input.vector, input.weight, rng)
+    encoded = context.encoder.encode(input.vector, input.weight, rng,
+                                     context.roster.dp.rotation_seed)
+    context.clipped = encoded.clipped
+    if encoded.clipped:
+        log.warning("%s: %d of %d input coordinates were clipped to [-%g, %g]",
+                    input.settings.name, encoded.clipped, input.vector.shape[0],
+                    context.encoder.quantizer.clip, context.encoder.quantizer.clip)
+    ring = encoded.ring
     if context.mode.masks:
         own_private = load_private(input.mask_keys.private_bytes)
         try:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+from secagg.dp import DPConfig
 from secagg.graph import GraphKind, check_threshold
 from secagg.paillier import DEFAULT_KEY_BITS, KEY_BITS, SlotLayout
-from secagg.protocol.common import GRAPH_KINDS, THREAT_MODELS, Encoder, ThreatModel
+from secagg.protocol.common import GRAPH_KINDS, THREAT_MODELS, ThreatModel
+from secagg.protocol.encoder import Encoder
 from secagg.protocol.modes import Mode, check_mode, round_mode, slot_layout
 from secagg.wire import SESSION_BYTES
 
@@ -32,6 +35,8 @@ class ServerConfig:
     mode: Mode = "masking"
     paillier_key_bits: int = DEFAULT_KEY_BITS
     """Size of the round's Paillier modulus (modes that encrypt)."""
+    dp: DPConfig | None = None
+    """Distributed differential privacy: each peer adds a share of the noise."""
 
     def __post_init__(self) -> None:
         if len(self.session) != SESSION_BYTES:
@@ -52,16 +57,24 @@ class ServerConfig:
         check_mode(self.mode, self.graph)
         if self.paillier_key_bits not in KEY_BITS:
             raise ValueError(f"paillier_key_bits must be one of {KEY_BITS}")
+        if self.dp is not None and self.dp.modulus_bits != self.modulus_bits:
+            raise ValueError(f"the DP config uses modulus_bits={self.dp.modulus_bits} but the "
+                             f"round uses {self.modulus_bits}: make them equal")
 
-    def encoder(self) -> Encoder:
-        return Encoder.create(n=self.min_peers, dim=self.dim, clip=self.clip, scale=self.scale,
+    def encoder(self, peers: int | None = None) -> Encoder:
+        """The round's encoding for ``peers`` contributors (``min_peers`` by default);
+        EncodingError if it cannot be built (the message names what to change)."""
+        return Encoder.create(n=self.min_peers if peers is None else peers, dim=self.dim,
+                              clip=self.clip, scale=self.scale,
                               modulus_bits=self.modulus_bits, weighted=self.weighted,
-                              max_weight=self.max_weight)
+                              max_weight=self.max_weight, threshold=self.threshold,
+                              dp=self.dp)
 
-    @property
+    @cached_property
     def wire_dim(self) -> int:
-        """Ring coordinates on the wire: the vector, plus the weight when weighted."""
-        return self.dim + (1 if self.weighted else 0)
+        """Ring coordinates on the wire: the (padded) vector, plus the weight when
+        weighted, plus the clipped counter (see secagg.protocol.encoder)."""
+        return self.encoder().wire_dim
 
     def slot_layout(self, peers: int | None = None) -> SlotLayout | None:
         """How ciphertexts pack the ring elements for ``peers`` summands (``min_peers``

@@ -72,6 +72,10 @@ class ServerContext:
     outcome: ServerOutcome | None = None
     registration_closed: str = ""
     """Why registration closed, for those who arrive later (empty while it is open)."""
+    withdrawn: dict[str, str] = field(default_factory=dict)
+    """Connected peers that withdrew from the round before registering, and why."""
+    rotation_seed: bytes = b""
+    """The public seed of the DP rotation (drawn when registration closes, DP rounds)."""
 
     @classmethod
     def create(cls, config: ServerConfig, *, random_bytes: RandomBytes, record_view: bool,

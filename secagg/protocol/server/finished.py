@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from secagg.dp import noise_report
 from secagg.errors import EncodingError
 from secagg.protocol.errors import DropReason
 from secagg.protocol.events import Action, CancelTimer, RoundFinished, ServerOutcome
@@ -83,17 +84,28 @@ def abort(ctx: ServerContext, reason: str, gone_reason: DropReason | None) -> St
 def decode_and_finish(ctx: ServerContext, total: np.ndarray,
                       gone_reason: DropReason | None) -> Step:
     """Decode the unmasked ring sum of U3 and end the round with it."""
-    total_weight: float | None = None
-    encoder = ctx.encoder
     try:
-        if encoder.weighted is not None:
-            aggregate, total_weight = encoder.weighted.decode_mean(total)
-        else:
-            aggregate = encoder.quantizer.decode(total)
+        decoded = ctx.encoder.decode(total, ctx.rotation_seed)
     except EncodingError as exc:  # e.g. every contributor sent weight 0
         return abort(ctx, f"cannot decode the aggregate: {exc}", gone_reason)
+    if decoded.clipped:
+        log.warning("round %d: %d coordinates were clipped to [-%g, %g]; raise clip",
+                    ctx.config.round, decoded.clipped, ctx.config.clip, ctx.config.clip)
+    ctx.stats["clipped"] = decoded.clipped
+    if ctx.encoder.dp is not None:
+        report = noise_report(ctx.encoder.dp, len(ctx.u3))
+        ctx.stats["dp"] = {"mechanism": ctx.encoder.dp.config.mechanism,
+                           "noise_multiplier": ctx.encoder.dp.config.noise_multiplier,
+                           "achieved_noise_multiplier": report.effective_noise_multiplier,
+                           "noise_stddev": report.noise_stddev,
+                           "noise_variance_over_target": report.noise_variance / (
+                               ctx.encoder.dp.central_stddev ** 2),
+                           "delta": ctx.encoder.dp.config.delta,
+                           "bits": ctx.encoder.dp.config.modulus_bits,
+                           "scale": ctx.encoder.dp.scale}
     return finish(ctx, ServerOutcome(
-        status="ok", round=ctx.config.round, aggregate=aggregate,
+        status="ok", round=ctx.config.round, aggregate=decoded.total,
         contributors=tuple(ctx.names[u] for u in sorted(ctx.u3)),
         dropped=ctx.dropped_view(), threshold=ctx.config.threshold,
-        total_weight=total_weight, stats=ctx.final_stats()))
+        total_weight=decoded.total_weight, stats=ctx.final_stats(),
+        clipped=decoded.clipped))

@@ -40,7 +40,7 @@ from secagg.protocol.server.base import PHASE_TIMER, ServerPhase, ServerState, S
 from secagg.protocol.server.config import ServerConfig
 from secagg.protocol.server.context import ServerContext
 from secagg.protocol.server.register import begin_registration, round_open
-from secagg.wire import SERVER, AdvertiseKeys, Envelope, Limits, decode
+from secagg.wire import SERVER, AdvertiseKeys, Envelope, Limits, Withdraw, decode
 
 log = logging.getLogger("secagg.server")
 
@@ -157,7 +157,7 @@ class ServerProtocol:
         if not unbound and env.sender != origin:
             raise RemoteProtocolError(f"frame claims sender {env.sender!r} on the connection "
                                       f"of {origin!r} (forged sender)", DropReason.FORGED_SENDER)
-        if unbound and env.type != AdvertiseKeys.TYPE:
+        if unbound and env.type not in (AdvertiseKeys.TYPE, Withdraw.TYPE):
             raise RemoteProtocolError(f"first frame must be advertise_keys, got {env.type}",
                                       DropReason.NOT_REGISTERED)
         try:
@@ -166,6 +166,9 @@ class ServerProtocol:
             detail = f"registration for this round is closed: {exc}" if unbound else str(exc)
             raise RemoteProtocolError(detail, DropReason.WRONG_SESSION) from None
         transition = self.phase.ACCEPTS.get(env.type)
+        if transition is None and env.type == Withdraw.TYPE:
+            # Whoever withdraws after registration closed was not waited for anyway.
+            return Transition("ignore_late", frozenset({self.phase.STATE}))
         if transition is None:
             raise RemoteProtocolError(f"server in state {self.phase.STATE} cannot accept "
                                       f"{env.type} from {env.sender!r}",

@@ -8,6 +8,8 @@ and sends each peer its roster.
 
 from __future__ import annotations
 
+import logging
+
 from secagg.crypto.signing import verify
 from secagg.errors import CryptoError
 from secagg.graph import make_graph
@@ -19,9 +21,19 @@ from secagg.protocol.server.collect import begin_collect
 from secagg.protocol.server.context import ServerContext
 from secagg.protocol.server.finished import abort
 from secagg.protocol.server.share import SharePhase
-from secagg.wire import AdvertiseKeys, Envelope, PeerEntry, Roster, RoundOpen
+from secagg.wire import (
+    NO_DP,
+    AdvertiseKeys,
+    DPSettings,
+    Envelope,
+    PeerEntry,
+    Roster,
+    RoundOpen,
+    Withdraw,
+)
 
 _S = ServerState
+log = logging.getLogger("secagg.server")
 
 
 def round_open(ctx: ServerContext) -> Envelope:
@@ -30,7 +42,22 @@ def round_open(ctx: ServerContext) -> Envelope:
     return ctx.envelope(RoundOpen(
         dim=config.dim, weighted=config.weighted, max_peers=config.min_peers,
         mode=config.mode,
-        paillier_key_bits=config.paillier_key_bits if ctx.mode.encrypts else 0))
+        paillier_key_bits=config.paillier_key_bits if ctx.mode.encrypts else 0,
+        phase_timeout=config.phase_timeout, clip=config.clip,
+        dp_noise_multiplier=config.dp.noise_multiplier if config.dp is not None else 0.0))
+
+
+def dp_settings(ctx: ServerContext) -> DPSettings:
+    """The round's DP parameters as the roster announces them (none without DP)."""
+    params = ctx.encoder.dp
+    if params is None:
+        return NO_DP
+    config = params.config
+    return DPSettings(mechanism=config.mechanism, noise_multiplier=config.noise_multiplier,
+                      clip=config.clip, delta=config.delta, k_stddevs=config.k_stddevs,
+                      beta=config.beta, scale=params.scale,
+                      max_sensitivity_inflation=config.max_sensitivity_inflation,
+                      rotation_seed=ctx.rotation_seed)
 
 
 def begin_registration(ctx: ServerContext) -> Step:
@@ -44,6 +71,8 @@ class RegisterPhase(ServerPhase):
     ACCEPTS = accepts({
         AdvertiseKeys.TYPE: on("on_advertise", _S.COLLECTING_KEYS, _S.SHARING, _S.MASKING,
                                _S.FINISHED),
+        Withdraw.TYPE: on("on_withdraw", _S.COLLECTING_KEYS, _S.SHARING, _S.MASKING,
+                          _S.FINISHED),
     })
     ON_TIMER = on("on_timer", _S.SHARING, _S.MASKING, _S.FINISHED)
     ON_PEER_GONE = on("on_peer_gone", _S.COLLECTING_KEYS)
@@ -52,6 +81,7 @@ class RegisterPhase(ServerPhase):
         super().__init__(ctx)
         self.registered: dict[str, AdvertiseKeys] = {}
         self.cut_off_names: set[str] = set()
+        self.withdrawn: set[str] = set()
         """Names whose registration was cut off: they may not come back this round."""
 
     def on_connected(self, token: str) -> list[Action]:
@@ -89,9 +119,30 @@ class RegisterPhase(ServerPhase):
             raise RemoteProtocolError(f"{name!r} advertised the same key twice",
                                       DropReason.INVALID_KEYS)
         self.registered[name] = keys
+        self.withdrawn.discard(name)
         # Bound first, so that the roster below reaches the connection by its name.
         actions: list[Action] = [Bind(origin, name)] if token else []
-        if len(self.registered) >= ctx.config.min_peers:
+        return self._maybe_close(actions)
+
+    def on_withdraw(self, origin: str, env: Envelope) -> Step:
+        """A connected peer cannot take part (its input failed a check of its own): it
+        is dropped now and counts towards closing registration, so that the round
+        does not wait its deadline for it. Its connection stays for later rounds."""
+        body = env.body
+        assert isinstance(body, Withdraw)
+        ctx, name = self.ctx, env.sender
+        if name in self.registered:
+            raise RemoteProtocolError(f"{name!r} withdrew after registering",
+                                      DropReason.UNEXPECTED_MESSAGE)
+        log.warning("%s withdrew from round %d: %s", name, ctx.config.round, body.reason)
+        self.withdrawn.add(name)
+        ctx.withdrawn[name] = body.reason
+        ctx.drop_name(name, DropReason.WITHDREW, body.reason)
+        return self._maybe_close([])
+
+    def _maybe_close(self, actions: list[Action]) -> Step:
+        ctx = self.ctx
+        if len(self.registered) + len(self.withdrawn) >= ctx.config.min_peers:
             ctx.registration_closed = (
                 f"registration for this round is closed: min_peers={ctx.config.min_peers} "
                 "peers already registered; raise min_peers to admit more")
@@ -137,12 +188,15 @@ class RegisterPhase(ServerPhase):
         ctx.stats.update(registered=n, mode=config.mode, graph=config.graph,
                          degree=graph.degree, share_threshold=graph.share_threshold)
         quantizer, paillier_key = ctx.encoder.quantizer, ctx.paillier_key
+        if ctx.encoder.dp is not None:
+            ctx.rotation_seed = ctx.random_bytes(32)  # public: every peer rotates alike
+        dp = dp_settings(ctx)
         actions: list[Action] = [SetTimer(PHASE_TIMER, config.phase_timeout)]
         for u in range(n):
             # Without masks nobody needs anyone's keys until the tree is known.
             neighbours = ctx.mode.neighbourhood(graph.neighbours(u), u)
             actions.append(ctx.send(u, Roster(
-                your_index=u, size=n, threshold=config.threshold, dim=config.wire_dim,
+                your_index=u, size=n, threshold=config.threshold, dim=ctx.encoder.wire_dim,
                 modulus_bits=quantizer.modulus_bits, clip=config.clip, scale=quantizer.scale,
                 weighted=config.weighted, max_weight=config.max_weight,
                 threat_model=config.threat_model, graph_kind=graph.kind,
@@ -150,7 +204,7 @@ class RegisterPhase(ServerPhase):
                 share_threshold=graph.share_threshold, fan_in=config.fan_in,
                 phase_timeout=config.phase_timeout,
                 neighbours=[ctx.entries[v] for v in neighbours], mode=config.mode,
-                paillier_key=paillier_key)))
+                paillier_key=paillier_key, input_dim=config.dim, dp=dp)))
         if not ctx.mode.shares_keys:
             # No secrets to share, so no R1: everyone registered goes up the tree.
             ctx.u2 = frozenset(range(n))
