@@ -200,7 +200,7 @@ async def bench_one(n: int, d: int, graph: str, seed: int, phase_timeout: float,
                               "modulus_bits": 32, "peer_processes": processes, "mode": mode}
     record: dict[str, Any] = {"bench": "e2e", "params": params}
     setup_started = time.perf_counter()
-    async with Coordinator(HOST, 0, min_peers=n, threshold=threshold, dim=d,
+    async with Coordinator(HOST, 0, max_peers=n, threshold=threshold, dim=d,
                            graph=graph, fan_in=FAN_IN,  # type: ignore[arg-type]
                            phase_timeout=phase_timeout,
                            mode=mode) as coordinator:  # type: ignore[arg-type]

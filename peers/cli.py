@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                         default="any",
                         help="take part only in rounds of this mode; any: whatever mode the "
                              "coordinator runs")
+    parser.add_argument("--min-noise-multiplier", type=float, default=None, metavar="Z",
+                        help="take part only in rounds with distributed-DP noise of at "
+                             "least this multiplier (default: no floor)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse (withdraw from) a round that would clip this peer's "
+                             "input, instead of clipping it")
     parser.add_argument("--listen", type=_listen_address, default=("127.0.0.1", 0),
                         metavar="HOST:PORT",
                         help="this peer's listener for other peers; port 0 picks one "
@@ -168,11 +174,13 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> 
     status = ExitStatus.OK
     async with Peer(args.server, args.peer_id, listen=listen, listener_ssl=listener_ssl,
                     client_ssl=client_ssl, progress=progress,
-                    mode=None if args.mode == "any" else args.mode) as peer:
+                    mode=None if args.mode == "any" else args.mode,
+                    min_noise_multiplier=args.min_noise_multiplier) as peer:
         for index in range(rounds):
             vector = data[index] if data.ndim == 2 else data
             try:
-                outcome = await peer.contribute(vector, weight=args.weight)
+                outcome = await peer.contribute(vector, weight=args.weight,
+                                                strict=args.strict)
             except TimeoutError as exc:  # the coordinator stopped answering
                 message = str(exc).split(" (pass timeout=")[0]
                 print(f"secagg-peer: error: {message}", file=sys.stderr, flush=True)

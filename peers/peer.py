@@ -83,6 +83,19 @@ ROUND_DEADLINES = 8
 five phases, deadlines staggered within R2, and slack for the coordinator's follow-ups."""
 
 
+def clipped_by(vector: np.ndarray, notice: RoundOpen) -> str:
+    """What the announced round would clip of ``vector`` ("" if nothing)."""
+    if notice.clip <= 0:
+        return ""
+    if notice.dp_noise_multiplier > 0:
+        norm = float(np.linalg.norm(vector))
+        return (f"the input's L2 norm {norm:.6g} exceeds the round's clip {notice.clip:g}"
+                if norm > notice.clip else "")
+    count = int(np.count_nonzero(np.abs(vector) > notice.clip))
+    return (f"{count} of {vector.shape[0]} coordinates lie outside the round's clipping "
+            f"range [-{notice.clip:g}, {notice.clip:g}]" if count else "")
+
+
 def check_input(vector: np.ndarray, weight: float) -> np.ndarray:
     """The input as a float64 vector; ValueError naming the problem if it cannot be sent."""
     values = np.asarray(vector, dtype=np.float64)
@@ -123,9 +136,15 @@ class Peer:
         link_wait: float = LINK_WAIT,
         random_bytes: RandomBytes = os.urandom,
         mode: Mode | None = None,
+        min_noise_multiplier: float | None = None,
     ) -> None:
         """``mode`` restricts this peer to rounds of that mode ("masking", "paillier"
-        or "hybrid"); with None it takes part in whatever mode the coordinator runs."""
+        or "hybrid"); with None it takes part in whatever mode the coordinator runs.
+        ``min_noise_multiplier`` is this peer's distributed-DP floor: it declines
+        rounds that add less noise (or none)."""
+        if min_noise_multiplier is not None and not min_noise_multiplier >= 0:
+            raise ValueError(f"min_noise_multiplier must be >= 0, got {min_noise_multiplier}")
+        self.min_noise_multiplier = min_noise_multiplier
         validate_names([peer_id])
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, not {mode!r}")
@@ -253,13 +272,17 @@ class Peer:
     # ---------------------------------------------------------------- API
 
     async def contribute(self, vector: np.ndarray, weight: float = 1.0, *,
-                         timeout: float | None = None) -> PeerOutcome:
+                         timeout: float | None = None, strict: bool = False) -> PeerOutcome:
         """Take part in the next round with ``vector``; return how the round ended.
 
         ``vector`` must be 1-D and finite and ``weight`` finite and non-negative
         (ValueError before anything is sent). If the announced round expects another
         length, the peer withdraws from it (the coordinator drops it at once instead
         of waiting for it) and raises ValueError.
+
+        Coordinates outside the round's clipping range are clipped (the outcome's
+        ``clipped`` says how many, and a warning is logged); with ``strict`` the peer
+        withdraws instead and raises ValueError.
 
         ``timeout`` bounds the whole call (TimeoutError). By default the peer waits
         at most ``ROUND_NOTICE_WAIT`` seconds for a round to open and then at most
@@ -270,14 +293,15 @@ class Peer:
         vector = check_input(vector, weight)
         try:
             async with asyncio.timeout(timeout):
-                return await self._contribute(vector, weight, bounded=timeout is None)
+                return await self._contribute(vector, weight, bounded=timeout is None,
+                                              strict=strict)
         except TimeoutError:
             self._give_up()
             raise TimeoutError(f"{self.peer_id}: no round ended within the {timeout} s "
                                "allowed (timeout=)") from None
 
     async def _contribute(self, vector: np.ndarray, weight: float, *,
-                          bounded: bool) -> PeerOutcome:
+                          bounded: bool, strict: bool) -> PeerOutcome:
         try:
             async with asyncio.timeout(ROUND_NOTICE_WAIT if bounded else None):
                 open_round = await self._next_round()
@@ -299,6 +323,20 @@ class Peer:
                       f"{vector.shape[0]}")
             self._withdraw(open_round, reason)
             raise ValueError(reason)
+        if strict:
+            outside = clipped_by(vector, notice)
+            if outside:
+                self._withdraw(open_round, f"strict: {outside}")
+                raise ValueError(f"{outside}; raise the round's clip or scale the input "
+                                 "(strict=True refuses to clip)")
+        if self.min_noise_multiplier is not None and \
+                notice.dp_noise_multiplier < self.min_noise_multiplier:
+            reason = (f"the round adds distributed-DP noise of multiplier "
+                      f"{notice.dp_noise_multiplier:g}, below this peer's floor "
+                      f"min_noise_multiplier={self.min_noise_multiplier:g}")
+            log.warning("%s: declines round %d: %s", self.peer_id, open_round.round, reason)
+            self._withdraw(open_round, reason)
+            return PeerOutcome(status="aborted", round=open_round.round, reason=reason)
         if self.mode is not None and notice.mode != self.mode:
             # Decline before registering, so the round is not held up by a peer that
             # would only abort when the roster comes.
@@ -309,7 +347,8 @@ class Peer:
             return PeerOutcome(status="aborted", round=open_round.round, reason=reason)
         protocol = PeerProtocol(self.peer_id, address=self.address,
                                 random_bytes=self._random_bytes, identity=self._identity,
-                                trusted_identities=self._trusted, mode=self.mode)
+                                trusted_identities=self._trusted, mode=self.mode,
+                                min_noise_multiplier=self.min_noise_multiplier)
         self._protocol = protocol
         self._links.patience = self._link_wait
         finished = self._loop.begin(protocol, protocol.start(

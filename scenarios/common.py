@@ -397,7 +397,7 @@ async def run_network_rounds_async(
     reports: list[RoundReport] = []
     replace: set[int] = set()  # peers that cannot take part again (no server link)
     tol = tolerance(n, dim)
-    async with Coordinator(min_peers=n, threshold=threshold, dim=dim, graph=graph,
+    async with Coordinator(max_peers=n, threshold=threshold, dim=dim, graph=graph,
                            fan_in=fan_in, phase_timeout=phase_timeout, mode=mode,
                            progress=on_coordinator_phase) as coordinator:
         try:

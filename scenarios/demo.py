@@ -99,7 +99,7 @@ async def run_network(n: int, dim: int, seed: int, mode: Mode = "masking") -> in
             print(f"  killing {names[UNMASKING_VICTIM]} {PHASE_NAMES['unmasking']}")
             peers[UNMASKING_VICTIM].crash()
 
-    async with Coordinator(min_peers=n, threshold=threshold, dim=dim, fan_in=2,
+    async with Coordinator(max_peers=n, threshold=threshold, dim=dim, fan_in=2,
                            phase_timeout=10.0, progress=on_phase,
                            mode=mode) as coordinator:
         print(f"coordinator on {coordinator.url}: {n} peers, {dim} coordinates, "

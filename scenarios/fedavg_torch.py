@@ -319,7 +319,7 @@ async def run(cfg: Config, data: Dataset,
             return None  # crashed mid-round
 
     records: list[RoundRecord] = []
-    async with Coordinator(min_peers=n, threshold=threshold, dim=spec.size, weighted=True,
+    async with Coordinator(max_peers=n, threshold=threshold, dim=spec.size, weighted=True,
                            max_weight=max_weight, clip=cfg.clip,
                            modulus_bits=cfg.modulus_bits, phase_timeout=cfg.phase_timeout,
                            progress=on_coordinator_phase,

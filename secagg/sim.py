@@ -400,7 +400,7 @@ def run_round(
         bits, clip = dp.modulus_bits, dp.clip
 
     session = hashlib.sha256(f"secagg-sim-session/{seed}".encode()).digest()[:16]
-    config = ServerConfig(session=session, round=0, min_peers=n, threshold=threshold, dim=d,
+    config = ServerConfig(session=session, round=0, max_peers=n, threshold=threshold, dim=d,
                           threat_model=threat_model,  # type: ignore[arg-type]
                           graph=graph, fan_in=fan_in, clip=clip, scale=scale,
                           modulus_bits=bits, weighted=weighted,

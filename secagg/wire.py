@@ -506,8 +506,9 @@ class RoundOpen(Message):
     phase_timeout: Seconds = 0.0
     """The round's phase deadline: lets a peer bound how long it waits for the round."""
     clip: Positive = 0.0
-    """The clipping range c of the round's inputs (0: not announced), so a peer can
-    tell before registering whether its input would be clipped."""
+    """The clipping range c of the round's inputs (0: not announced): per coordinate,
+    or of the L2 norm in a DP round, so a peer can tell before registering whether
+    its input would be clipped."""
     dp_noise_multiplier: Positive = 0.0
     """The distributed-DP noise multiplier of the round (0: no DP), so a peer with a
     noise floor can decline before registering."""

@@ -28,6 +28,7 @@ from secagg.cli_support import (
     exit_status_epilog,
     os_error_text,
 )
+from secagg.dp import DPConfig
 from secagg.errors import SecAggError
 from server.coordinator import Coordinator, RoundResult
 
@@ -49,7 +50,7 @@ def _positive_float(text: str) -> float:
 
 
 DESCRIPTION = """\
-Run secure-aggregation rounds: wait for --min-peers peers, run a round, write
+Run secure-aggregation rounds: wait for --max-peers peers, run a round, write
 DIR/round-<r>.json (and DIR/round-<r>.npy, the float64 aggregate sum, when the
 round is ok); repeat --rounds times. Progress goes to stderr; nothing secret is
 logged."""
@@ -75,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                            }))
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one")
-    parser.add_argument("--min-peers", type=_positive_int, required=True, metavar="N",
-                        help="registration closes when N peers registered, or after "
-                             "--phase-timeout with at least --threshold")
+    parser.add_argument("--max-peers", "--min-peers", type=_positive_int, required=True,
+                        metavar="N", dest="max_peers",
+                        help="the most peers a round admits: registration closes as soon as "
+                             "N registered (later ones are turned away), or after "
+                             "--phase-timeout with at least --threshold (--min-peers is the "
+                             "old name)")
     parser.add_argument("--threshold", type=_positive_int, required=True, metavar="T",
                         help="fewest contributors whose sum may be revealed; N/2 < T <= N")
     parser.add_argument("--dim", type=_positive_int, required=True, metavar="D",
@@ -111,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-weight", type=_positive_float, default=1.0,
                         help="largest weight a peer may send with --weighted (public bound "
                              "used to size the encoding)")
+    dp = parser.add_argument_group(
+        "distributed differential privacy",
+        "each peer adds a share of discrete noise before masking, sized so that any sum "
+        "of at least --threshold contributors carries the full noise")
+    dp.add_argument("--dp-noise-multiplier", type=_positive_float, metavar="Z",
+                    help="noise standard deviation over the L2 sensitivity (default: no DP)")
+    dp.add_argument("--dp-clip", type=_positive_float, metavar="C",
+                    help="L2 norm every input is clipped to (default: --clip)")
+    dp.add_argument("--dp-mechanism", choices=["skellam", "gaussian"], default="skellam",
+                    help="the discrete noise: Skellam or discrete Gaussian")
+    dp.add_argument("--dp-delta", type=_positive_float, default=1e-5,
+                    help="the delta at which each round reports epsilon")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE",
                         help="serve wss:// with this certificate (default: plain ws://)")
     parser.add_argument("--tls-key", type=Path, metavar="FILE",
@@ -119,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for round results")
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     return parser
+
+
+def round_notes(result: RoundResult) -> str:
+    """What else a person should know about a finished round: clipping, privacy."""
+    notes = ""
+    clipped = result.outcome.clipped
+    if clipped:
+        notes += (f"; {clipped} input coordinates were clipped this round (raise --clip "
+                  "if that is not intended)")
+    dp = result.stats.get("dp")
+    if isinstance(dp, dict) and dp.get("epsilon") is not None:
+        notes += (f"; privacy spent so far: epsilon {dp['epsilon']:.3g} at delta "
+                  f"{dp['delta']:g} (noise multiplier achieved "
+                  f"{dp['achieved_noise_multiplier']:.3g})")
+    return notes
 
 
 def write_round(out: Path, result: RoundResult) -> None:
@@ -131,9 +162,15 @@ def write_round(out: Path, result: RoundResult) -> None:
         "dropped": dict(outcome.dropped),
         "threshold": outcome.threshold,
         "reason": outcome.reason,
+        "clipped": outcome.clipped,
         "stats": {key: value for key, value in result.stats.items()
                   if key not in ("dropped",)},
     }
+    dp = result.stats.get("dp")
+    if isinstance(dp, dict):
+        record["dp"] = {key: dp.get(key) for key in (
+            "epsilon", "delta", "noise_multiplier", "achieved_noise_multiplier", "bits",
+            "mechanism", "rounds")}
     if outcome.aggregate is not None:
         aggregate = outcome.aggregate
         if outcome.total_weight is not None:
@@ -148,17 +185,28 @@ def write_round(out: Path, result: RoundResult) -> None:
     tmp_json.replace(out / f"round-{outcome.round}.json")
 
 
+def dp_config(args: argparse.Namespace) -> DPConfig | None:
+    """The DP settings the options ask for (None without --dp-noise-multiplier)."""
+    if args.dp_noise_multiplier is None:
+        return None
+    return DPConfig(noise_multiplier=args.dp_noise_multiplier,
+                    clip=args.dp_clip if args.dp_clip is not None else args.clip,
+                    mechanism=args.dp_mechanism, delta=args.dp_delta,
+                    modulus_bits=args.modulus_bits)
+
+
 async def serve_rounds(args: argparse.Namespace) -> ExitStatus:
     ssl_context = None
     if args.tls_cert or args.tls_key:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
     coordinator = Coordinator(
-        args.host, args.port, min_peers=args.min_peers, threshold=args.threshold,
+        args.host, args.port, max_peers=args.max_peers, threshold=args.threshold,
         dim=args.dim, graph=args.graph, threat_model=args.threat_model,
         phase_timeout=args.phase_timeout, clip=args.clip, modulus_bits=args.modulus_bits,
         fan_in=args.fan_in, weighted=args.weighted, max_weight=args.max_weight,
-        ssl_context=ssl_context, mode=args.mode, paillier_key_bits=args.paillier_key_bits)
+        ssl_context=ssl_context, mode=args.mode, paillier_key_bits=args.paillier_key_bits,
+        dp=dp_config(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -181,8 +229,8 @@ async def serve_rounds(args: argparse.Namespace) -> ExitStatus:
             outcome = result.outcome
             print(f"round {outcome.round}: {outcome.status}"
                   f"{' (' + outcome.reason + ')' if outcome.reason else ''}; "
-                  f"{len(outcome.contributors)} contributors, {len(outcome.dropped)} dropped",
-                  file=sys.stderr, flush=True)
+                  f"{len(outcome.contributors)} contributors, {len(outcome.dropped)} dropped"
+                  f"{round_notes(result)}", file=sys.stderr, flush=True)
             if outcome.status != "ok":
                 status = ExitStatus.ROUND_ABORTED
     return status
@@ -197,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                      "sparse (it applies to masking and hybrid)")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if args.threshold > args.min_peers or 2 * args.threshold <= args.min_peers:
-        parser.error(f"--threshold must satisfy min-peers/2 < t <= min-peers "
-                     f"(got t={args.threshold}, min-peers={args.min_peers})")
+    if args.threshold > args.max_peers or 2 * args.threshold <= args.max_peers:
+        parser.error(f"--threshold must satisfy max-peers/2 < t <= max-peers "
+                     f"(got t={args.threshold}, max-peers={args.max_peers})")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     try:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import ssl
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from secagg.dp import DPConfig
+from secagg.dp.accounting import epsilon
 from secagg.driver import ActionLoop, Outbox, OutboxFull, keepalive_seconds
 from secagg.errors import WireError
 from secagg.graph import GraphKind
@@ -102,7 +105,7 @@ class _Client:
 class Coordinator:
     """Runs secure-aggregation rounds for the peers that connect to it.
 
-    ``async with Coordinator(port=0, min_peers=10, threshold=6, dim=1000) as c:``
+    ``async with Coordinator(port=0, max_peers=10, threshold=6, dim=1000) as c:``
     then ``aggregate, contributors, stats = await c.run_round()`` once per round.
     ``progress(phase, round)`` is called whenever a round enters a new phase.
     """
@@ -112,7 +115,7 @@ class Coordinator:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        min_peers: int,
+        max_peers: int | None = None,
         threshold: int,
         dim: int,
         graph: GraphKind = "complete",
@@ -129,27 +132,45 @@ class Coordinator:
         progress: Callable[[str, int], None] | None = None,
         mode: Mode = "masking",
         paillier_key_bits: int = DEFAULT_KEY_BITS,
+        dp: DPConfig | None = None,
+        min_peers: int | None = None,
     ) -> None:
+        """``dp`` runs every round with distributed differential privacy: each peer
+        adds its share of the noise, and each round's stats report the noise present
+        and the privacy spent so far in the session (``stats["dp"]``)."""
+        if min_peers is not None:
+            warnings.warn("Coordinator(min_peers=) is now max_peers=: it is the most peers "
+                          "a round admits (registration closes when that many registered)",
+                          DeprecationWarning, stacklevel=2)
+            max_peers = min_peers if max_peers is None else max_peers
+        if max_peers is None:
+            raise TypeError("Coordinator() needs max_peers=: registration closes when that "
+                            "many peers registered, or at the phase deadline with at least "
+                            "threshold")
+        self.max_peers = max_peers
         self.host, self.port = host, port
         self.session = session or os.urandom(16)
         # Validate everything now, so a bad parameter fails before any peer connects.
         self._template = ServerConfig(
-            session=self.session, round=0, min_peers=min_peers, threshold=threshold, dim=dim,
+            session=self.session, round=0, max_peers=max_peers, threshold=threshold, dim=dim,
             threat_model=threat_model, graph=graph, fan_in=fan_in, clip=clip, scale=scale,
             modulus_bits=modulus_bits, weighted=weighted, max_weight=max_weight,
-            phase_timeout=phase_timeout, mode=mode, paillier_key_bits=paillier_key_bits)
+            phase_timeout=phase_timeout, mode=mode, paillier_key_bits=paillier_key_bits,
+            dp=dp)
         self._template.encoder()
+        self._dp_rounds: list[int] = []
+        """Contributors of every released DP round so far (for the privacy spent)."""
         self._ssl = ssl_context
         self._progress = progress
         # The largest frame any round of this session can legitimately carry.
         payload_bytes = None
         if round_mode(mode).encrypts:
             layout = slot_layout(key_bits=paillier_key_bits, modulus_bits=modulus_bits,
-                                 peers=min_peers)
+                                 peers=max_peers)
             payload_bytes = layout.ciphertext_count(self._template.wire_dim) * \
                 layout.ciphertext_bytes
         self._max_frame = Limits.for_round(
-            max_peers=min_peers, dim=self._template.wire_dim, modulus_bits=modulus_bits,
+            max_peers=max_peers, dim=self._template.wire_dim, modulus_bits=modulus_bits,
             payload_bytes=payload_bytes).max_frame_bytes
         # A stalled peer keeps its connection open: pings find it within a fraction
         # of a phase (see secagg.driver.keepalive_seconds).
@@ -226,10 +247,24 @@ class Coordinator:
         stats.update(phase_seconds=dict(self._phase_times), bytes_in=self._bytes_in,
                      bytes_out=self._bytes_out, status=outcome.status, reason=outcome.reason,
                      dropped=dict(outcome.dropped))
+        if outcome.status == "ok" and "dp" in stats:
+            self._dp_rounds.append(len(outcome.contributors))
+            stats["dp"] = {**stats["dp"], **self._privacy_spent(protocol)}
         log.info("round %d: %s %s (%d contributors)", self._round_number, outcome.status,
                  outcome.reason, len(outcome.contributors))
         return RoundResult(aggregate=outcome.aggregate, contributors=list(outcome.contributors),
                            stats=stats, outcome=outcome)
+
+    def _privacy_spent(self, protocol: ServerProtocol) -> dict[str, Any]:
+        """Epsilon at the round's delta over every released round of the session."""
+        params = protocol.encoder.dp
+        if params is None:
+            return {}
+        try:
+            spent = epsilon(params, contributors=self._dp_rounds)
+        except ImportError as exc:  # the accounting needs the dp extra
+            return {"epsilon": None, "epsilon_note": str(exc)}
+        return {"epsilon": spent, "rounds": len(self._dp_rounds)}
 
     # ------------------------------------------------------- connections
 

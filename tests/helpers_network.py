@@ -48,7 +48,7 @@ def make_inputs(names: Sequence[str], dim: int, seed: int = 0,
 def tolerance(n: int, dim: int, *, clip: float = 1.0, modulus_bits: int = 32) -> float:
     """Quantization error bound of a sum over at most ``n`` peers: n / scale (+ slack).
 
-    ``n`` must be the coordinator's ``min_peers``: the scale is chosen for it.
+    ``n`` must be the coordinator's ``max_peers``: the scale is chosen for it.
     """
     encoder = Encoder.create(n=n, dim=dim, clip=clip, scale=None, modulus_bits=modulus_bits,
                              weighted=False, max_weight=1.0)

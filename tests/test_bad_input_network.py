@@ -59,8 +59,8 @@ DIM = 16
 HONEST = 6
 PHASE_TIMEOUT = 3.0
 
-def coordinator(min_peers: int, **overrides: Any) -> Coordinator:
-    options: dict[str, Any] = dict(min_peers=min_peers, threshold=min_peers // 2 + 1, dim=DIM,
+def coordinator(max_peers: int, **overrides: Any) -> Coordinator:
+    options: dict[str, Any] = dict(max_peers=max_peers, threshold=max_peers // 2 + 1, dim=DIM,
                                    phase_timeout=PHASE_TIMEOUT)
     options.update(overrides)
     return Coordinator(HOST, 0, **options)
@@ -75,9 +75,9 @@ def all_fields(cls: type[Any], value: Any) -> dict[str, Any]:
     return {f.name: value for f in dataclasses.fields(cls)}
 
 
-def oversized(min_peers: int) -> bytes:
+def oversized(max_peers: int) -> bytes:
     """A frame one byte over the coordinator's limit for this round (sized from --dim)."""
-    limit = Limits.for_round(max_peers=min_peers, dim=DIM, modulus_bits=32).max_frame_bytes
+    limit = Limits.for_round(max_peers=max_peers, dim=DIM, modulus_bits=32).max_frame_bytes
     return bytes(limit + 1)
 
 

@@ -124,7 +124,7 @@ def round_lines(process: Process) -> list[str]:
 async def test_aborted_round_exits_with_the_aborted_status(tmp_path: Path) -> None:
     # Three peers expected, one comes: registration closes at the deadline, below t.
     # (The deadline leaves the peer process time to start on a busy machine.)
-    server, url = await start_server(tmp_path, "--min-peers", "3", "--threshold", "2",
+    server, url = await start_server(tmp_path, "--max-peers", "3", "--threshold", "2",
                                      "--phase-timeout", "10", "-v")
     peer = await spawn_tool("secagg-peer", ["--server", url, "--id", "alice",
                                             "--input", str(input_file(tmp_path))])
@@ -144,7 +144,7 @@ async def test_aborted_round_exits_with_the_aborted_status(tmp_path: Path) -> No
 
 
 async def test_server_killed_mid_round(tmp_path: Path) -> None:
-    server, url = await start_server(tmp_path, "--min-peers", "3", "--threshold", "2",
+    server, url = await start_server(tmp_path, "--max-peers", "3", "--threshold", "2",
                                      "--phase-timeout", "30")
     inside: set[str] = set()
     both_inside = asyncio.Event()
@@ -174,7 +174,7 @@ async def test_server_killed_mid_round(tmp_path: Path) -> None:
 
 
 async def test_server_with_fewer_rounds_than_the_peers(tmp_path: Path) -> None:
-    server, url = await start_server(tmp_path, "--min-peers", "2", "--threshold", "2",
+    server, url = await start_server(tmp_path, "--max-peers", "2", "--threshold", "2",
                                      "--rounds", "1")
     two_rows = input_file(tmp_path, rows=2)  # two rounds
     peers = [await spawn_tool("secagg-peer", ["--server", url, "--id", name,
@@ -193,7 +193,7 @@ async def test_server_with_fewer_rounds_than_the_peers(tmp_path: Path) -> None:
 
 
 async def test_duplicate_id_is_rejected(tmp_path: Path) -> None:
-    server, url = await start_server(tmp_path, "--min-peers", "2", "--threshold", "2",
+    server, url = await start_server(tmp_path, "--max-peers", "2", "--threshold", "2",
                                      "--phase-timeout", "30")
     registered = asyncio.Event()
 
@@ -221,7 +221,7 @@ async def test_duplicate_id_is_rejected(tmp_path: Path) -> None:
 
 
 async def test_peer_interrupted_while_waiting(tmp_path: Path) -> None:
-    server, url = await start_server(tmp_path, "--min-peers", "3", "--threshold", "2",
+    server, url = await start_server(tmp_path, "--max-peers", "3", "--threshold", "2",
                                      "--phase-timeout", "30")
     waiting = asyncio.Event()
 
@@ -254,10 +254,10 @@ def test_unreachable_coordinator(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("tool", "args", "fragment"), [
-    ("secagg-server", ["--min-peers", "4", "--threshold", "2", "--dim", "3", "--out", "x"],
+    ("secagg-server", ["--max-peers", "4", "--threshold", "2", "--dim", "3", "--out", "x"],
      "--threshold"),
-    ("secagg-server", ["--min-peers", "4", "--threshold", "3", "--out", "x"], "--dim"),
-    ("secagg-server", ["--min-peers", "4", "--threshold", "3", "--dim", "3", "--out", "x",
+    ("secagg-server", ["--max-peers", "4", "--threshold", "3", "--out", "x"], "--dim"),
+    ("secagg-server", ["--max-peers", "4", "--threshold", "3", "--dim", "3", "--out", "x",
                        "--rounds", "0"], "--rounds"),
     ("secagg-peer", ["--server", "ws://", "--id", "a", "--input", "x.npy"], "--server"),
     ("secagg-peer", ["--server", "ws://127.0.0.1:9", "--id", "a", "--input", "x.npy",

@@ -79,7 +79,7 @@ async def test_secure_fedavg_equals_plaintext_fedavg_over_the_same_contributors(
             return None
 
     total_bound = 0.0
-    async with Coordinator(min_peers=n, threshold=3, dim=spec.size, weighted=True,
+    async with Coordinator(max_peers=n, threshold=3, dim=spec.size, weighted=True,
                            max_weight=max_weight, clip=clip, modulus_bits=bits,
                            phase_timeout=10.0) as coordinator:
         for i in range(n):

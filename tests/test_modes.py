@@ -222,10 +222,10 @@ def test_3072_bit_key_and_64_bit_ring() -> None:
 
 def test_paillier_mode_rejects_the_sparse_graph() -> None:
     with pytest.raises(ValueError, match="no neighbour graph"):
-        ServerConfig(session=bytes(SESSION_BYTES), round=0, min_peers=10, threshold=6, dim=3,
+        ServerConfig(session=bytes(SESSION_BYTES), round=0, max_peers=10, threshold=6, dim=3,
                      graph="sparse", mode="paillier")
     with pytest.raises(ValueError, match="mode must be one of"):
-        ServerConfig(session=bytes(SESSION_BYTES), round=0, min_peers=10, threshold=6, dim=3,
+        ServerConfig(session=bytes(SESSION_BYTES), round=0, max_peers=10, threshold=6, dim=3,
                      mode="plaintext")  # type: ignore[arg-type]
 
 
@@ -282,7 +282,7 @@ def _run_tapped(mode: str, keys: PaillierKeyPair, inputs: np.ndarray, *, scale: 
                 forger: str = "") -> tuple[_Tap, ServerProtocol]:
     n, d = inputs.shape
     session = bytes(range(SESSION_BYTES))
-    config = ServerConfig(session=session, round=0, min_peers=n, threshold=n // 2 + 1, dim=d,
+    config = ServerConfig(session=session, round=0, max_peers=n, threshold=n // 2 + 1, dim=d,
                           scale=scale, fan_in=2, mode=mode,  # type: ignore[arg-type]
                           phase_timeout=5.0)
     server = ServerProtocol(config, paillier_keys=keys)
@@ -368,7 +368,8 @@ def _roster_for(peer: PeerProtocol, session: bytes, mode: str, key: bytes, *,
                               mask_key=s.envelope.body.mask_key)  # type: ignore[union-attr]
                     for i, (c, s) in enumerate(zip("bc", others, strict=True), start=1)]
     return Envelope(session=session, round=0, sender="server", body=Roster(
-        your_index=0, size=3, threshold=2, dim=3, modulus_bits=32, clip=1.0, scale=1024.0,
+        # Three input coordinates and the clipped counter.
+        your_index=0, size=3, threshold=2, dim=4, modulus_bits=32, clip=1.0, scale=1024.0,
         weighted=False, max_weight=1.0, threat_model="honest-but-curious",
         graph_kind="complete", graph_seed=bytes(32), degree=2, share_threshold=2, fan_in=8,
         phase_timeout=5.0, neighbours=entries, mode=mode, paillier_key=key))
@@ -436,7 +437,7 @@ def test_unknown_mode_in_a_roster_is_a_protocol_error(keys: PaillierKeyPair) -> 
 def _server_in_masking(mode: str, keys: PaillierKeyPair) -> tuple[ServerProtocol, str]:
     """A server of 3 peers in R2 (everyone shared keys), and the name of the tree root."""
     session = bytes(SESSION_BYTES)
-    config = ServerConfig(session=session, round=0, min_peers=3, threshold=2, dim=3,
+    config = ServerConfig(session=session, round=0, max_peers=3, threshold=2, dim=3,
                           mode=mode)  # type: ignore[arg-type]
     server = ServerProtocol(config, paillier_keys=keys)
     server.start()
@@ -509,7 +510,7 @@ def test_slots_follow_the_roster_when_fewer_peers_register(keys: PaillierKeyPair
     """129 expected peers need 48-bit slots, 128 fit in 40: when registration closes on
     its deadline with 128, server and peers must agree on the narrower layout."""
     session = bytes(SESSION_BYTES)
-    config = ServerConfig(session=session, round=0, min_peers=129, threshold=65, dim=100,
+    config = ServerConfig(session=session, round=0, max_peers=129, threshold=65, dim=100,
                           mode="hybrid")
     server = ServerProtocol(config, paillier_keys=keys)
     assert server.slot_layout is not None and server.slot_layout.slot_bits == 48
@@ -536,7 +537,7 @@ def test_death_notices_reach_whoever_waits_in_place_of_a_dead_relay(
     connection that would tell them)."""
     session = bytes(SESSION_BYTES)
     n = 15
-    config = ServerConfig(session=session, round=0, min_peers=n, threshold=8, dim=2,
+    config = ServerConfig(session=session, round=0, max_peers=n, threshold=8, dim=2,
                           fan_in=2, mode=mode)  # type: ignore[arg-type]
     server = ServerProtocol(config, paillier_keys=keys)
     server.start()

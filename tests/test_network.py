@@ -56,7 +56,7 @@ ALL_STATES = ("advertised", "sharing", "reported", "masking", "forwarded", "unma
 
 
 def coordinator(**overrides: Any) -> Coordinator:
-    options: dict[str, Any] = dict(min_peers=N, threshold=T, dim=DIM,
+    options: dict[str, Any] = dict(max_peers=N, threshold=T, dim=DIM,
                                    phase_timeout=PHASE_TIMEOUT)
     options.update(overrides)
     return Coordinator(HOST, 0, **options)
@@ -176,7 +176,7 @@ async def test_truly_sparse_graph_with_dropouts() -> None:
     names = peer_names(n)
     inputs = make_inputs(names, DIM, seed=23)
     victims = {names[5]: "sharing", names[33]: "reported", names[47]: "unmasked"}
-    async with coordinator(min_peers=n, threshold=t, graph="sparse") as c, \
+    async with coordinator(max_peers=n, threshold=t, graph="sparse") as c, \
             Swarm(c.url, names, hook=crash_on(victims)) as swarm:
         result, outcomes = await run_round(c, swarm, inputs)
     assert set(swarm.crashed) == set(victims)
@@ -318,7 +318,7 @@ async def test_too_many_crashes_during_share_exchange_abort() -> None:
     n, t = 9, 5
     names = peer_names(n - 1)
     inputs = make_inputs(names, DIM, seed=11)
-    async with coordinator(min_peers=n, threshold=t, phase_timeout=4.0) as c, \
+    async with coordinator(max_peers=n, threshold=t, phase_timeout=4.0) as c, \
             Swarm(c.url, names) as swarm, RawClient(c.url) as watcher:
         round_task = asyncio.create_task(c.run_round())
         await watcher.register("watcher")
@@ -413,7 +413,7 @@ async def test_second_round_survives_a_crash_in_the_first() -> None:
         result0, outcomes0 = await run_round(c, swarm, first)
         survivors = [name for name in names if name != victim]
         # The crashed peer is gone for good: round 1 is run by the others, and the
-        # coordinator must not wait for min_peers that can no longer come.
+        # coordinator must not wait for max_peers that can no longer come.
         rest = Swarm(c.url, survivors)
         rest.peers = {name: swarm.peers[name] for name in survivors}
         round_task = asyncio.create_task(c.run_round())
@@ -466,7 +466,7 @@ async def test_clean_shutdown_leaves_no_tasks_and_no_listeners() -> None:
     names = peer_names(8)
     inputs = make_inputs(names, DIM, seed=20)
     victims = {names[3]: "reported"}
-    async with coordinator(min_peers=8, threshold=5) as c:
+    async with coordinator(max_peers=8, threshold=5) as c:
         server_port = c.port
         async with Swarm(c.url, names, hook=crash_on(victims)) as swarm:
             ports = [int(p.address.rsplit(":", 1)[1]) for p in swarm.peers.values()]
@@ -488,7 +488,7 @@ async def test_peer_arriving_after_registration_closed_is_rejected_promptly() ->
     n, t = 6, 4
     names = peer_names(n - 1)
     inputs = make_inputs(names, DIM, seed=21)
-    async with coordinator(min_peers=n, threshold=t, phase_timeout=8.0) as c, \
+    async with coordinator(max_peers=n, threshold=t, phase_timeout=8.0) as c, \
             Swarm(c.url, names) as swarm, RawClient(c.url) as silent:
         round_task = asyncio.create_task(c.run_round())
         await silent.register("silent")
@@ -513,7 +513,7 @@ async def test_peer_arriving_after_registration_closed_is_rejected_promptly() ->
 
 async def test_contribute_with_wrong_dimension_is_refused_locally() -> None:
     names = peer_names(3)
-    async with coordinator(min_peers=3, threshold=2) as c, Swarm(c.url, names) as swarm:
+    async with coordinator(max_peers=3, threshold=2) as c, Swarm(c.url, names) as swarm:
         round_task = asyncio.create_task(c.run_round())
         try:
             with pytest.raises(ValueError, match="coordinates"):
@@ -579,7 +579,7 @@ async def test_homomorphic_modes_survive_crashes_and_nat_peers(mode: str) -> Non
 async def test_peer_requiring_hybrid_declines_a_paillier_round() -> None:
     names = peer_names(6)
     inputs = make_inputs(names, DIM, seed=42)
-    async with coordinator(mode="paillier", min_peers=5, threshold=3) as c:
+    async with coordinator(mode="paillier", max_peers=5, threshold=3) as c:
         strict = Peer(c.url, "strict", mode="hybrid")
         async with strict, Swarm(c.url, names[:5]) as swarm:
             round_task = asyncio.create_task(c.run_round())

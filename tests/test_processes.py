@@ -120,7 +120,7 @@ class Cluster:
                 url_found.set_result(match.group(1))
 
         self.server = await spawn("server", [
-            "-m", "server", "--host", HOST, "--port", "0", "--min-peers", str(self.n),
+            "-m", "server", "--host", HOST, "--port", "0", "--max-peers", str(self.n),
             "--threshold", str(self.threshold), "--dim", str(DIM),
             "--phase-timeout", str(PHASE_TIMEOUT), "--fan-in", str(self.fan_in),
             "--out", str(self.out), "-v", *self.server_args], server_hook)
@@ -360,12 +360,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
         assert fragment in lines[0], lines[0]
 
 
-SERVER_BASE = ["--host", HOST, "--port", "0", "--min-peers", "10", "--threshold", "6",
+SERVER_BASE = ["--host", HOST, "--port", "0", "--max-peers", "10", "--threshold", "6",
                "--dim", "8"]
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["--host", HOST, "--port", "0", "--min-peers", "10", "--threshold", "6"], "--dim"),
+    (["--host", HOST, "--port", "0", "--max-peers", "10", "--threshold", "6"], "--dim"),
     ([*SERVER_BASE[:-4], "--threshold", "5", "--dim", "8"], "threshold"),
     ([*SERVER_BASE[:-4], "--threshold", "11", "--dim", "8"], "threshold"),
     ([*SERVER_BASE, "--graph", "ring"], "--graph"),
@@ -389,7 +389,7 @@ def test_server_cli_port_in_use_is_one_line(tmp_path: Path) -> None:
         sock.bind((HOST, 0))
         sock.listen()
         port = sock.getsockname()[1]
-        proc = run_cli("-m", "server", "--host", HOST, "--port", str(port), "--min-peers", "3",
+        proc = run_cli("-m", "server", "--host", HOST, "--port", str(port), "--max-peers", "3",
                        "--threshold", "2", "--dim", "4", "--out", str(tmp_path))
     assert_one_line_error(proc)
 
@@ -438,7 +438,7 @@ def test_help_works(module: str) -> None:
     proc = run_cli("-m", module, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
-    assert ("--min-peers" if module == "server" else "--input") in proc.stdout
+    assert ("--max-peers" if module == "server" else "--input") in proc.stdout
 
 
 @pytest.mark.parametrize("script", ["secagg-server", "secagg-peer"])

@@ -185,7 +185,7 @@ def make_round(
     pin_identities: bool = False,
 ) -> tuple[Net, np.ndarray, dict[str, SigningKey]]:
     """A server and ``n`` peers with deterministic randomness, all registered."""
-    config = ServerConfig(session=SESSION, round=ROUND, min_peers=n, threshold=threshold,
+    config = ServerConfig(session=SESSION, round=ROUND, max_peers=n, threshold=threshold,
                           dim=dim, threat_model=threat_model,  # type: ignore[arg-type]
                           graph=graph,  # type: ignore[arg-type]
                           fan_in=fan_in, phase_timeout=10.0)
@@ -704,7 +704,7 @@ def test_duplicate_registration_is_rejected_and_the_round_goes_on() -> None:
     for i, name in enumerate(names[1:], start=1):
         net.apply(name, net.peers[name].start(SESSION, ROUND, inputs[i]))
     net.run()
-    assert net.server.state is ServerState.COLLECTING_KEYS  # 3 of min_peers=4
+    assert net.server.state is ServerState.COLLECTING_KEYS  # 3 of max_peers=4
     net.fire(SERVER, PHASE_TIMER)
     net.run()
     outcome_s = net.server.outcome
@@ -726,8 +726,8 @@ def test_late_registration_gets_rejected() -> None:
     net.run(hold=is_type("encrypted_shares"))
     assert late.outcome is not None and late.outcome.status == "rejected"
     assert "closed" in late.outcome.reason
-    # Registration closed because min_peers registered: the notice names the setting.
-    assert "min_peers=4" in late.outcome.reason and "raise min_peers" in late.outcome.reason
+    # Registration closed because max_peers registered: the notice names the setting.
+    assert "max_peers=4" in late.outcome.reason and "raise max_peers" in late.outcome.reason
     assert "peer-late" not in net.server.names
     # A second registration from a rostered name is rejected too, naming the id; the
     # rostered peer keeps its place.
@@ -739,7 +739,7 @@ def test_late_registration_gets_rejected() -> None:
     assert net.server.dropped == {}
     # A connection opening now hears that registration is closed, and why.
     closed = net.server.handle(PeerConnected("#6"))
-    assert "raise min_peers" in _turned_away(closed, "#6", DropReason.NOT_REGISTERED)
+    assert "raise max_peers" in _turned_away(closed, "#6", DropReason.NOT_REGISTERED)
     del net.peers["peer-late"]
     net.release()
     net.run()

@@ -390,10 +390,11 @@ def test_weighted_mean_is_within_bound() -> None:
     # The aggregate is the weighted sum: exact up to the quantization of the sum.
     expected_sum = (weights[c, None] * inputs[c]).sum(axis=0)
     assert np.abs(result.aggregate - expected_sum).max() < encoding.quantizer.error_bound(n)
-    # The weight rides as one more coordinate in the 64-bit ring.
+    # The weight rides as one more coordinate in the 64-bit ring, and so does the
+    # count of clipped coordinates.
     (payload,) = [env.body.payload for env in result.server_view.messages
                   if isinstance(env.body, RootAggregate)]
-    assert len(payload) == 8 * (d + 1)
+    assert len(payload) == 8 * (d + 2)
 
 
 def test_modulus_64_bits() -> None:
@@ -403,7 +404,7 @@ def test_modulus_64_bits() -> None:
     assert result.status == "ok", result.reason
     (payload,) = [env.body.payload for env in result.server_view.messages
                   if isinstance(env.body, RootAggregate)]
-    assert len(payload) == 8 * d  # 64-bit ring elements
+    assert len(payload) == 8 * (d + 1)  # 64-bit ring elements, and the clipped counter
     assert result.aggregate is not None
     error = np.abs(result.aggregate - inputs[: n - 1].sum(axis=0))
     bound64 = quantizer_bound(n, d, 64)

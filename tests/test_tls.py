@@ -51,7 +51,7 @@ async def test_round_over_tls(tmp_path: Path) -> None:
     client_side = ssl.create_default_context(cafile=str(cert))
     n, dim = 5, 8
     inputs = np.random.default_rng(3).uniform(-1, 1, size=(n, dim))
-    async with Coordinator(min_peers=n, threshold=3, dim=dim, ssl_context=server_side,
+    async with Coordinator(max_peers=n, threshold=3, dim=dim, ssl_context=server_side,
                            phase_timeout=10) as coordinator:
         assert coordinator.url.startswith("wss://")
         round_task = asyncio.create_task(coordinator.run_round())
@@ -73,7 +73,7 @@ async def test_untrusted_certificate_is_refused(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_side.load_cert_chain(cert, key)
-    async with Coordinator(min_peers=2, threshold=2, dim=2,
+    async with Coordinator(max_peers=2, threshold=2, dim=2,
                            ssl_context=server_side) as coordinator:
         # The default context does not trust the self-signed certificate.
         peer = Peer(coordinator.url, "stranger", client_ssl=ssl.create_default_context(),

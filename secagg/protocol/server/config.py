@@ -20,7 +20,7 @@ class ServerConfig:
 
     session: bytes
     round: int
-    min_peers: int
+    max_peers: int
     threshold: int
     dim: int
     threat_model: ThreatModel = "honest-but-curious"
@@ -41,9 +41,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if len(self.session) != SESSION_BYTES:
             raise ValueError(f"session id must be {SESSION_BYTES} bytes")
-        if self.min_peers < 2:
-            raise ValueError(f"min_peers must be at least 2, got {self.min_peers}")
-        check_threshold(self.min_peers, self.threshold)
+        if self.max_peers < 2:
+            raise ValueError(f"max_peers must be at least 2, got {self.max_peers}")
+        check_threshold(self.max_peers, self.threshold)
         if self.dim < 1:
             raise ValueError(f"dim must be positive, got {self.dim}")
         if self.threat_model not in THREAT_MODELS:
@@ -62,9 +62,9 @@ class ServerConfig:
                              f"round uses {self.modulus_bits}: make them equal")
 
     def encoder(self, peers: int | None = None) -> Encoder:
-        """The round's encoding for ``peers`` contributors (``min_peers`` by default);
+        """The round's encoding for ``peers`` contributors (``max_peers`` by default);
         EncodingError if it cannot be built (the message names what to change)."""
-        return Encoder.create(n=self.min_peers if peers is None else peers, dim=self.dim,
+        return Encoder.create(n=self.max_peers if peers is None else peers, dim=self.dim,
                               clip=self.clip, scale=self.scale,
                               modulus_bits=self.modulus_bits, weighted=self.weighted,
                               max_weight=self.max_weight, threshold=self.threshold,
@@ -77,9 +77,9 @@ class ServerConfig:
         return self.encoder().wire_dim
 
     def slot_layout(self, peers: int | None = None) -> SlotLayout | None:
-        """How ciphertexts pack the ring elements for ``peers`` summands (``min_peers``
+        """How ciphertexts pack the ring elements for ``peers`` summands (``max_peers``
         by default); None when the mode does not encrypt."""
         if not round_mode(self.mode).encrypts:
             return None
         return slot_layout(key_bits=self.paillier_key_bits, modulus_bits=self.modulus_bits,
-                           peers=self.min_peers if peers is None else peers)
+                           peers=self.max_peers if peers is None else peers)

@@ -43,7 +43,7 @@ class ServerContext:
     paillier_keys: PaillierKeyPair | None
     """The round's key pair when the mode encrypts; the private key is dropped at the end."""
     codec: PayloadCodec
-    """The payload codec: sized for ``min_peers`` until the roster is fixed, then for it."""
+    """The payload codec: sized for ``max_peers`` until the roster is fixed, then for it."""
     slot_layout: SlotLayout | None
     """How ciphertexts pack ring elements (None unless the mode encrypts); follows ``codec``."""
     record_view: bool = False
@@ -90,12 +90,12 @@ class ServerContext:
                 raise ValueError(f"the Paillier key has {keys.key_bits} bits, the config says "
                                  f"{config.paillier_key_bits}")
         context = cls(config=config, mode=mode, encoder=encoder, random_bytes=random_bytes,
-                      paillier_keys=keys, codec=_codec(config, mode, keys, config.min_peers),
+                      paillier_keys=keys, codec=_codec(config, mode, keys, config.max_peers),
                       slot_layout=config.slot_layout(), record_view=record_view)
         return context
 
     def size_for_roster(self) -> None:
-        """Peers size their slots for the roster's n, which may be below min_peers when
+        """Peers size their slots for the roster's n, which may be below max_peers when
         registration closed on its deadline: pack and unpack alike."""
         n = len(self.names)
         self.codec = _codec(self.config, self.mode, self.paillier_keys, n)

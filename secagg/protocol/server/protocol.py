@@ -106,7 +106,7 @@ class ServerProtocol:
     def limits(self) -> Limits:
         """Decoding limits for frames arriving at this server."""
         ctx = self._ctx
-        return round_limits(peers=self.config.min_peers, dim=self.config.wire_dim,
+        return round_limits(peers=self.config.max_peers, dim=self.config.wire_dim,
                             modulus_bits=self.config.modulus_bits,
                             payload_bytes=ctx.codec.byte_length)
 
@@ -212,7 +212,7 @@ class ServerProtocol:
     @property
     def slot_layout(self) -> SlotLayout | None:
         """How ciphertexts pack ring elements (None unless the mode encrypts): for
-        ``min_peers`` until registration closes, then for the roster."""
+        ``max_peers`` until registration closes, then for the roster."""
         return self._ctx.slot_layout
 
     @property

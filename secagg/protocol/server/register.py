@@ -1,4 +1,4 @@
-"""R0, registration: peers advertise their keys until ``min_peers`` have, or the deadline.
+"""R0, registration: peers advertise their keys until ``max_peers`` have, or the deadline.
 
 Registration is judged here alone: a connection registers under a name (and is
 bound to it) only with a valid, first registration of that name while
@@ -40,10 +40,11 @@ def round_open(ctx: ServerContext) -> Envelope:
     """The round's notice: the one every peer gets, whenever it connects."""
     config = ctx.config
     return ctx.envelope(RoundOpen(
-        dim=config.dim, weighted=config.weighted, max_peers=config.min_peers,
+        dim=config.dim, weighted=config.weighted, max_peers=config.max_peers,
         mode=config.mode,
         paillier_key_bits=config.paillier_key_bits if ctx.mode.encrypts else 0,
-        phase_timeout=config.phase_timeout, clip=config.clip,
+        phase_timeout=config.phase_timeout,
+        clip=config.dp.clip if config.dp is not None else config.clip,
         dp_noise_multiplier=config.dp.noise_multiplier if config.dp is not None else 0.0))
 
 
@@ -142,10 +143,10 @@ class RegisterPhase(ServerPhase):
 
     def _maybe_close(self, actions: list[Action]) -> Step:
         ctx = self.ctx
-        if len(self.registered) + len(self.withdrawn) >= ctx.config.min_peers:
+        if len(self.registered) + len(self.withdrawn) >= ctx.config.max_peers:
             ctx.registration_closed = (
-                f"registration for this round is closed: min_peers={ctx.config.min_peers} "
-                "peers already registered; raise min_peers to admit more")
+                f"registration for this round is closed: max_peers={ctx.config.max_peers} "
+                "peers already registered; raise max_peers to admit more")
             more, phase = self._close()
             return actions + more, phase
         return actions, self
