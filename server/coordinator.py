@@ -233,7 +233,7 @@ class Coordinator:
         self._bytes_in = self._bytes_out = 0
         self._phase_times = {}
         log.info("round %d: registration open", self._round_number)
-        finished = self._loop.begin(protocol, protocol.start())
+        finished = self._loop.begin(protocol, protocol.start(connected=len(self._clients())))
         # Everyone connected hears of the round alike (late connections get the same
         # notice from the protocol when they arrive).
         notice = encode(protocol.round_open())

@@ -66,11 +66,13 @@ class ServerProtocol:
 
     # ------------------------------------------------------------------ API
 
-    def start(self) -> list[Action]:
-        """Open registration (R0)."""
+    def start(self, connected: int | None = None) -> list[Action]:
+        """Open registration (R0). ``connected`` is how many peers the driver told of
+        the round (its open connections); with it, registration also closes once each
+        of them has registered or withdrawn, instead of waiting for the deadline."""
         if self.phase.STARTED:
             raise LocalProtocolError("round already started")
-        actions, self.phase = begin_registration(self._ctx)
+        actions, self.phase = begin_registration(self._ctx, connected)
         return actions
 
     def handle(self, event: Event) -> list[Action]:

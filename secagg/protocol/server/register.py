@@ -61,8 +61,8 @@ def dp_settings(ctx: ServerContext) -> DPSettings:
                       rotation_seed=ctx.rotation_seed)
 
 
-def begin_registration(ctx: ServerContext) -> Step:
-    return [SetTimer(PHASE_TIMER, ctx.config.phase_timeout)], RegisterPhase(ctx)
+def begin_registration(ctx: ServerContext, connected: int | None = None) -> Step:
+    return [SetTimer(PHASE_TIMER, ctx.config.phase_timeout)], RegisterPhase(ctx, connected)
 
 
 class RegisterPhase(ServerPhase):
@@ -78,14 +78,18 @@ class RegisterPhase(ServerPhase):
     ON_TIMER = on("on_timer", _S.SHARING, _S.MASKING, _S.FINISHED)
     ON_PEER_GONE = on("on_peer_gone", _S.COLLECTING_KEYS)
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, connected: int | None = None) -> None:
         super().__init__(ctx)
+        self.connected = connected
+        """Peers told of the round (None: unknown, so withdrawals cannot end the wait)."""
         self.registered: dict[str, AdvertiseKeys] = {}
         self.cut_off_names: set[str] = set()
         self.withdrawn: set[str] = set()
         """Names whose registration was cut off: they may not come back this round."""
 
     def on_connected(self, token: str) -> list[Action]:
+        if self.connected is not None:
+            self.connected += 1
         return [self.ctx.send_to(token, round_open(self.ctx).body)]
 
     def check_sender(self, env: Envelope) -> None:
@@ -143,10 +147,17 @@ class RegisterPhase(ServerPhase):
 
     def _maybe_close(self, actions: list[Action]) -> Step:
         ctx = self.ctx
-        if len(self.registered) + len(self.withdrawn) >= ctx.config.max_peers:
+        answered = len(self.registered) + len(self.withdrawn)
+        everyone_answered = (self.connected is not None and bool(self.withdrawn)
+                             and answered >= self.connected
+                             and len(self.registered) >= ctx.config.threshold)
+        if len(self.registered) >= ctx.config.max_peers or everyone_answered:
             ctx.registration_closed = (
                 f"registration for this round is closed: max_peers={ctx.config.max_peers} "
                 "peers already registered; raise max_peers to admit more")
+            if len(self.registered) < ctx.config.max_peers:
+                ctx.registration_closed = ("registration for this round is closed: every "
+                                           "connected peer registered or withdrew")
             more, phase = self._close()
             return actions + more, phase
         return actions, self
