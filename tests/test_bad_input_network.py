@@ -76,8 +76,9 @@ def all_fields(cls: type[Any], value: Any) -> dict[str, Any]:
 
 
 def oversized(max_peers: int) -> bytes:
-    """A frame one byte over the coordinator's limit for this round (sized from --dim)."""
-    limit = Limits.for_round(max_peers=max_peers, dim=DIM, modulus_bits=32).max_frame_bytes
+    """A frame one byte over the coordinator's limit for this round (sized from --dim:
+    the ring carries the DIM input coordinates and the clipped counter)."""
+    limit = Limits.for_round(max_peers=max_peers, dim=DIM + 1, modulus_bits=32).max_frame_bytes
     return bytes(limit + 1)
 
 
@@ -383,7 +384,7 @@ async def test_coordinator_drops_a_replay_from_an_earlier_round(
     check_honest_round(result0, outcomes0, first, n)
     assert result0.outcome.dropped == {"mallory": "no_share_report"}
     check_honest_round(result1, outcomes1, second, n)
-    assert result1.outcome.dropped == {"mallory": "bad_message"}
+    assert result1.outcome.dropped == {"mallory": "wrong_session"}
     assert "round 0" in result1.stats["drop_details"]["mallory"]
     assert logged(caplog, "replayed or late")
 
@@ -396,24 +397,24 @@ def listener_attacks(session: bytes, round_number: int) -> dict[str, tuple[bytes
     limits = Limits.for_round(max_peers=HONEST + 1, dim=DIM, modulus_bits=32)
     sealed = EncryptedShares(ciphertext=os.urandom(100))
     return {
-        "random-bytes": (random_frame(200, seed=9), "malformed peer frame"),
+        "random-bytes": (random_frame(200, seed=9), "malformed frame"),
         "truncated-msgpack": (encode(Env(session, round_number, "p001", sealed))[:30],
-                              "malformed peer frame"),
+                              "malformed frame"),
         "text-frame": ("hello neighbour", "text frame"),
         "wrong-types": (packed(WIRE_VERSION, EncryptedShares.TYPE, session, round_number,
-                               "p001", {"ciphertext": 12}), "malformed peer frame"),
+                               "p001", {"ciphertext": 12}), "malformed frame"),
         "unknown-type": (packed(WIRE_VERSION, "gossip", session, round_number, "p001", {}),
-                         "malformed peer frame"),
+                         "unknown message type"),
         "over-the-round-limit": (encode(Env(session, round_number, "p001",
                                             EncryptedPartialSum(ciphertext=bytes(
                                                 limits.max_frame_bytes)))),
                                  "exceeds the limit"),
         "forged-sender": (encode(Env(session, round_number, "p001", sealed)),
-                          "from 'p001'"),
+                          "authentication_failed"),
         "unknown-sender": (encode(Env(session, round_number, "stranger", sealed)),
                            "unknown peer 'stranger'"),
         "claims-to-be-the-server": (encode(Env(session, round_number, "server", sealed)),
-                                    "impossible sender"),
+                                    "claims to come from the server"),
         "server-message-from-a-peer": (encode(Env(session, round_number, "p001",
                                                   Rejected(reason="leave the round"))),
                                        "may only come from the server"),

@@ -123,7 +123,7 @@ async def test_secure_fedavg_equals_plaintext_fedavg_over_the_same_contributors(
                 assert error.max() > 0  # 32-bit quantization is visible, not trivially exact
                 total_bound += bound
 
-                apply_aggregate(secure_model, outcome.aggregate, spec)
+                apply_aggregate(secure_model, outcome.mean, spec)
                 apply_aggregate(plain_model, exact, spec)
                 assert torch.equal(secure_model.state_dict()["1.num_batches_tracked"],
                                    plain_global["1.num_batches_tracked"])

@@ -372,7 +372,7 @@ def _roster_for(peer: PeerProtocol, session: bytes, mode: str, key: bytes, *,
         your_index=0, size=3, threshold=2, dim=4, modulus_bits=32, clip=1.0, scale=1024.0,
         weighted=False, max_weight=1.0, threat_model="honest-but-curious",
         graph_kind="complete", graph_seed=bytes(32), degree=2, share_threshold=2, fan_in=8,
-        phase_timeout=5.0, neighbours=entries, mode=mode, paillier_key=key))
+        phase_timeout=5.0, neighbours=entries, mode=mode, paillier_key=key, input_dim=3))
 
 
 def test_peer_requiring_hybrid_refuses_a_paillier_round(keys: PaillierKeyPair) -> None:

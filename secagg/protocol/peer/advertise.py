@@ -156,7 +156,9 @@ def round_encoder(roster: Roster, min_noise_multiplier: float | None) -> Encoder
             raise RoundDeclined(f"the round adds distributed-DP noise of multiplier "
                                 f"{offered:g}, below this peer's floor "
                                 f"min_noise_multiplier={min_noise_multiplier:g}")
-    input_dim = roster.input_dim or roster.dim - (1 if roster.weighted else 0)
+    # A roster without input_dim (hand-made, or an older server): the ring carries the
+    # input, the weight when weighted, and the clipped counter.
+    input_dim = roster.input_dim or roster.dim - (1 if roster.weighted else 0) - 1
     try:
         encoder = Encoder.create(n=roster.size, dim=input_dim, clip=roster.clip,
                                  scale=roster.scale, modulus_bits=roster.modulus_bits,
