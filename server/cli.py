@@ -115,18 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-weight", type=_positive_float, default=1.0,
                         help="largest weight a peer may send with --weighted (public bound "
                              "used to size the encoding)")
-    dp = parser.add_argument_group(
-        "distributed differential privacy",
-        "each peer adds a share of discrete noise before masking, sized so that any sum "
-        "of at least --threshold contributors carries the full noise")
-    dp.add_argument("--dp-noise-multiplier", type=_positive_float, metavar="Z",
-                    help="noise standard deviation over the L2 sensitivity (default: no DP)")
-    dp.add_argument("--dp-clip", type=_positive_float, metavar="C",
-                    help="L2 norm every input is clipped to (default: --clip)")
-    dp.add_argument("--dp-mechanism", choices=["skellam", "gaussian"], default="skellam",
-                    help="the discrete noise: Skellam or discrete Gaussian")
-    dp.add_argument("--dp-delta", type=_positive_float, default=1e-5,
-                    help="the delta at which each round reports epsilon")
+    # Distributed DP: each peer adds a share of discrete noise before masking, sized
+    # so that any sum of at least --threshold contributors carries all of it.
+    parser.add_argument("--dp-noise-multiplier", type=_positive_float, metavar="Z",
+                        help="distributed differential privacy: each peer adds its share of "
+                             "noise of this stddev over the L2 sensitivity (default: no DP)")
+    parser.add_argument("--dp-clip", type=_positive_float, metavar="C",
+                        help="with DP: the L2 norm every input is clipped to (default: --clip)")
+    parser.add_argument("--dp-mechanism", choices=["skellam", "gaussian"], default="skellam",
+                        help="with DP: the discrete noise, Skellam or discrete Gaussian")
+    parser.add_argument("--dp-delta", type=_positive_float, default=1e-5,
+                        help="with DP: the delta at which each round reports epsilon")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE",
                         help="serve wss:// with this certificate (default: plain ws://)")
     parser.add_argument("--tls-key", type=Path, metavar="FILE",

@@ -1,4 +1,5 @@
-"""scenarios.fedavg_dp --quick: distributed DP tracks central DP, local DP falls far below."""
+"""scenarios.fedavg_dp --quick: distributed DP (every round a real protocol round in
+secagg.sim) tracks central DP, local DP falls far below."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("dp_accounting")
 
-pytestmark = pytest.mark.slow  # one FedAvg run per variant and noise level, ~10-20 s
+pytestmark = pytest.mark.slow  # one FedAvg run per variant and noise level, ~20-30 s
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +65,38 @@ def test_report_shape(report: dict[str, Any]) -> None:
     # Better than chance without DP; the heaviest central noise costs accuracy.
     assert report["no_dp_accuracy"] > 1.0 / cfg["classes"] + 0.3
     assert by_variant(report, "central")[max(zs)]["accuracy"] < report["no_dp_accuracy"]
+
+
+def test_distributed_runs_every_round_through_the_protocol(report: dict[str, Any]) -> None:
+    cfg, t = report["config"], report["threshold"]
+    n, rounds, seeds = cfg["clients"], cfg["rounds"], cfg["seeds"]
+    sim = report["distributed_protocol"]
+    assert sim["runner"].startswith("secagg.sim.run_round")
+    assert sim["graph"] in ("complete", "sparse") and isinstance(sim["encode_frames"], bool)
+    rows = by_variant(report, "distributed")
+    assert sim["rounds_run"] == len(rows) * seeds * rounds
+    for z, row in rows.items():
+        assert row["protocol"] is not None, row  # the run went through the protocol
+        assert len(row["protocol"]) == len(row["contributors"]) == seeds
+        for proto, counts in zip(row["protocol"], row["contributors"], strict=True):
+            assert proto["rounds"] == len(counts) == rounds
+            assert proto["mechanism"] == "skellam" and proto["delta"] == cfg["delta"]
+            # ~10 % drop every round, and never below the threshold.
+            assert all(t <= m < n for m in counts), counts
+            assert 0.8 < sum(counts) / (n * rounds) < 0.97, counts
+            # The server reports the noise of m contributors' shares: m/t sigma^2.
+            for m, over, achieved in zip(counts, proto["noise_variance_over_target"],
+                                         proto["achieved_noise_multiplier"], strict=True):
+                assert over == pytest.approx(m / t)
+                assert achieved == pytest.approx(z * math.sqrt(m / t))
+            noise = [s / m for s, m in zip(proto["noise_stddev"], counts, strict=True)]
+            assert row["noise_std_of_mean"] == pytest.approx(sum(noise) / rounds)
+        # Accounted with that noise (m/t > 1 times the target): less epsilon than central.
+        assert row["epsilon"] < by_variant(report, "central")[z]["epsilon"]
+    for variant in ("central", "local"):
+        assert all(row["protocol"] is None for row in by_variant(report, variant).values())
+    # The same clients drop in every variant and at every noise level.
+    assert len({json.dumps(r["contributors"]) for r in report["runs"]}) == 1
 
 
 def test_distributed_tracks_central_at_equal_epsilon(report: dict[str, Any]) -> None:
