@@ -131,3 +131,27 @@ def test_simulated_rounds_count_clipping_too() -> None:
     result = run_round(inputs, 2)
     assert result.status == "ok" and result.clipped == 2
     assert np.allclose(result.aggregate, [-0.3, 1.3], atol=1e-6)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "paillier"])
+async def test_peers_that_connect_while_registration_is_open_get_the_round_notice(
+        mode: str) -> None:
+    # The README's example with a mode, as a new user tries it: the round is opened
+    # first, the peers (insisting on that mode) connect afterwards. Each must hear the
+    # same notice (mode, key size, frame limits) as peers connected beforehand.
+    vectors = {f"client-{i}": np.full(DIM, 0.1 * i) for i in range(5)}
+    async with Coordinator(HOST, 0, max_peers=5, threshold=3, dim=DIM, mode=mode,
+                           phase_timeout=20) as coordinator:
+        round_task = asyncio.create_task(coordinator.run_round())
+        await asyncio.sleep(0.05)  # registration is open before anyone connects
+
+        async def one(name: str) -> object:
+            async with Peer(coordinator.url, name, mode=mode) as peer:  # type: ignore[arg-type]
+                return await peer.contribute(vectors[name])
+
+        outcomes = await asyncio.gather(*(one(name) for name in vectors))
+        async with asyncio.timeout(60):
+            result = await round_task
+    assert [o.status for o in outcomes] == ["ok"] * 5  # type: ignore[attr-defined]
+    assert result.status == "ok" and result.stats["mode"] == mode
+    assert np.allclose(result.aggregate, sum(0.1 * i for i in range(5)), atol=1e-6)  # type: ignore[arg-type]
