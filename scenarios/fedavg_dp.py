@@ -5,10 +5,11 @@ scikit-learn ``make_classification`` task (nothing is downloaded), split IID
 into equal client shards of a few hundred examples. Every round, every client
 trains one local epoch from the global model (all clients at once, as a batch
 of independent models) and its model delta is clipped to L2 norm ``c``; about
-10 % of the clients drop out each round (the same ones in every variant), each
-at a random point before it uploads: before registering, after registering,
-or after sharing its keys. The server adds the mean of the surviving clients'
-deltas to the model. The variants differ only in how that mean is made private:
+10 % of the clients drop out each round (the same ones in every variant; in
+the protocol each dies at a random point before it uploads: before
+registering, after registering, or after sharing its keys). The server adds
+the mean of the surviving clients' deltas to the model. The variants differ
+only in how that mean is made private:
 
 ``central``      the server sums the clipped deltas in the clear and adds Gaussian
                  noise of stddev ``z c`` (a trusted curator).
@@ -33,13 +34,15 @@ sampling): central and local use the Gaussian mechanism via ``dp_accounting``;
 distributed uses the Skellam RDP bound of :mod:`secagg.dp.accounting` with each
 round's contributor count.
 
-Simulator settings (see :data:`SIM_GRAPH`): the sparse neighbour graph (the
-complete graph costs ~5 s a round at 120 clients, the sparse one ~2 s) and
-``encode_frames=False`` (messages are passed as objects, not serialized to
-bytes: the same protocol, ~10 % faster). The sparse graph costs a wall-clock
-~2 s per round at 120 clients (key agreements and masks of ~46 neighbours per
-client), so the default runs one seed per point and spreads the runs over
-``--jobs`` worker processes (default 2).
+Simulator settings (:data:`SIM_GRAPH`, :data:`SIM_ENCODE_FRAMES`, reported in
+the JSON under ``distributed_protocol``): the *sparse* neighbour graph (degree
+46 at 120 clients; the complete graph costs ~5 s a round there, the sparse one
+~2 s: key agreements, shares and masks with every neighbour) and
+``encode_frames=False`` (messages pass between the parties as objects instead
+of wire bytes: the same protocol, 10-15 % faster). At ~2 s per protocol round a
+distributed run of 15 rounds takes ~30 s, so the default runs one seed per
+point and spreads the runs over ``--jobs`` worker processes (default 2); the
+results do not depend on ``--jobs``.
 
 Usage: ``python -m scenarios.fedavg_dp [--quick] [--seed 0] [--jobs 2]
 [--out results/fedavg_dp] [--plot PNG]``. Writes ``report.json`` into ``--out``
@@ -408,8 +411,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     cfg = report["config"]
     fig, ax = plt.subplots(figsize=(8, 5.2))
+    graph = report["distributed_protocol"]["graph"]
     styles = {"central": ("o-", "central DP (trusted server adds Gaussian noise)"),
-              "distributed": ("s--", "distributed DP (Skellam shares, secagg protocol)"),
+              "distributed": ("s--", f"distributed DP (Skellam shares, secagg rounds, "
+                                     f"{graph} graph)"),
               "local": ("^-", "local DP (each client adds the full noise)")}
     for variant, (style, label) in styles.items():
         rows = sorted((r for r in report["runs"] if r["variant"] == variant),

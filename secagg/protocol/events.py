@@ -186,7 +186,8 @@ class PeerOutcome:
     included: bool = False
     """Whether this peer's own input is in the aggregate."""
     clipped: int = 0
-    """How many of this peer's own coordinates were clipped to [-clip, clip]."""
+    """How many of this peer's own coordinates were clipped to [-clip, clip] (in a DP
+    round: 1 if the input's L2 norm was clipped, else 0)."""
 
 
 @dataclass(frozen=True)

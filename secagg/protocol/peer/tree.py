@@ -80,10 +80,12 @@ def own_payload(context: RoundContext, survivors: frozenset[int]) -> Payload:
     encoded = context.encoder.encode(input.vector, input.weight, rng,
                                      context.roster.dp.rotation_seed)
     context.clipped = encoded.clipped
-    if encoded.clipped:
+    clip = context.encoder.quantizer.clip
+    if encoded.clipped and context.encoder.dp is not None:
+        log.info("%s: the input's L2 norm was clipped to %g", input.settings.name, clip)
+    elif encoded.clipped:
         log.warning("%s: %d of %d input coordinates were clipped to [-%g, %g]",
-                    input.settings.name, encoded.clipped, input.vector.shape[0],
-                    context.encoder.quantizer.clip, context.encoder.quantizer.clip)
+                    input.settings.name, encoded.clipped, input.vector.shape[0], clip, clip)
     ring = encoded.ring
     if context.mode.masks:
         own_private = load_private(input.mask_keys.private_bytes)
