@@ -379,6 +379,7 @@ class Peer:
         protocol = self._protocol
         if protocol is not None and not protocol.finished:
             self._loop.abandon()
+            self._protocol = None  # the next contribute() starts afresh
 
     # ------------------------------------------------------ the server link
 
