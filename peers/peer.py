@@ -178,6 +178,8 @@ class Peer:
                             on_sent=self._count_out)
         self._incoming: dict[str, Connection] = {}
         """Connections other peers opened to our listener, by token (``#1``, ...)."""
+        self._bound: dict[str, str] = {}
+        """Token of an incoming connection -> the peer the protocol bound it to."""
         self._next_token = 0
         self._round_open: Envelope | None = None
         self._round_event = asyncio.Event()
@@ -350,7 +352,9 @@ class Peer:
                                 trusted_identities=self._trusted, mode=self.mode,
                                 min_noise_multiplier=self.min_noise_multiplier)
         self._protocol = protocol
-        self._links.patience = self._link_wait
+        # Wait long for the other end of a pair to open the shared connection: a peer
+        # that died is announced by the coordinator, which ends the wait sooner.
+        self._links.patience = max(self._link_wait, 0.6 * notice.phase_timeout)
         finished = self._loop.begin(protocol, protocol.start(
             open_round.session, open_round.round, vector, weight))
         early, self._early, self._early_bytes = self._early, [], 0
@@ -524,15 +528,12 @@ class Peer:
             pass
         finally:
             self._incoming.pop(token, None)
+            self._bound.pop(token, None)
             self._on_link_closed(connection)
 
     def _origin_of(self, token: str) -> str:
         """The name a connection is bound to, else its token."""
-        connection = self._incoming.get(token)
-        for link in self._links.by_name.values():
-            if connection is not None and link.connection is connection:
-                return link.name
-        return token
+        return self._bound.get(token, token)
 
     async def _read_link(self, name: str, connection: ClientConnection) -> None:
         try:
@@ -594,9 +595,6 @@ class Peer:
         if action.recipient == SERVER:
             self._send_to_server(action.envelope)
             return
-        protocol = self._protocol
-        if protocol is not None:
-            self._links.patience = max(self._link_wait, 0.6 * protocol.phase_timeout)
         self._links.send(action.recipient, action.address, action.envelope,
                          encode(action.envelope),
                          exchange=isinstance(action.envelope.body, EncryptedShares))
@@ -627,6 +625,7 @@ class Peer:
     def _bind(self, action: Bind) -> None:
         connection = self._incoming.get(action.connection)
         if connection is not None:
+            self._bound[action.connection] = action.name
             self._links.bind(action.name, connection)
 
     def _on_phase(self, old: str, new: str, seconds: float) -> None:

@@ -111,7 +111,9 @@ class ServerPhase:
     # ------------------------------------------------------------ departures
 
     def on_timer(self) -> Step:
-        raise NotImplementedError
+        """The phase deadline passed. Every phase with a deadline overrides this; a
+        phase without one (before ``start``) has nothing to do when a stale timer fires."""
+        return [], self
 
     def on_peer_gone(self, name: str) -> Step:
         u = self.ctx.index.get(name)
