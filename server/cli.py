@@ -59,6 +59,7 @@ logged."""
 # round's contributor and drop counts), so that each round's end shows once.
 ALREADY_PRINTED = (
     ("secagg.server", r"^round \d+ aborted: "),
+    ("secagg.server", r"^round \d+: \d+ coordinates were clipped"),
     ("secagg.coordinator", r"^round \d+: (ok|aborted)\b"),
     ("secagg.coordinator", r"^coordinator listening on "),
 )
