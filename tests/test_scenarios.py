@@ -195,8 +195,9 @@ def test_paillier_network_drops() -> None:
     from scenarios.common import make_inputs, run_network_rounds
 
     inputs = make_inputs(8, 3, seed=4)
+    # A deadline with room for eight Paillier encryptions on a busy 2-core machine.
     (report,) = run_network_rounds([inputs], 5, [{1: "share_keys", 2: "unmasking"}],
-                                   phase_timeout=1.0, mode="paillier")
+                                   phase_timeout=5.0, mode="paillier")
     assert report.mode == "paillier" and report.status == "ok", report
     assert report.exact is True
     assert 1 not in report.contributors and 1 in report.dropped
