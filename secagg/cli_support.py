@@ -161,3 +161,21 @@ def configure_logging(verbosity: int, already_printed: Iterable[tuple[str, str]]
     duplicates = _AlreadyPrinted(already_printed)
     for handler in logging.getLogger().handlers:
         handler.addFilter(duplicates)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; return the new soft
+    limit. Every peer link and every coordinator client is one descriptor, and the usual
+    soft limit (1,024) is far below the usual hard one; a process may raise it unaided."""
+    import resource  # POSIX only; imported here so the rest of the module stays portable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logging.getLogger("secagg").warning(
+                "cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
