@@ -106,11 +106,13 @@ __all__ = [
     "build_tree",
     "check_threshold",
     "complete_graph",
+    "corrupt_rate_for",
     "default_threshold",
     "make_graph",
     "seeded_order",
     "sparse_graph",
     "sparse_parameters",
+    "tolerated_colluders",
 ]
 
 GraphKind = Literal["complete", "sparse"]
@@ -127,8 +129,15 @@ _MAX_ID = 2**64
 # --------------------------------------------------------------------------- thresholds
 
 
-def check_threshold(n: int, threshold: int) -> None:
-    """Raise ``ValueError`` unless ``n/2 < threshold <= n`` (and ``n >= 1``)."""
+def check_threshold(n: int, threshold: int, threat_model: str = "honest-but-curious") -> None:
+    """Raise ``ValueError`` unless ``n/2 < threshold <= n`` (and ``n >= 1``), and under
+    ``"active"`` also ``3t > 2n``.
+
+    Why ``3t > 2n`` under ``active``: a malicious server may show two groups of honest holders
+    two different U3 sets; a colluding peer signs both, so each set collects ``t`` signatures,
+    one group hands over shares of b_u, the other of s_sk_u, and u's input is exposed.  That
+    needs ``2t - n`` colluders (Bonawitz et al. 2017, sec. 6.5, "t > n/2 + |C|/2"); ``3t > 2n``
+    keeps that number above ``n/3``.  :func:`tolerated_colluders` gives the exact bound."""
     if n < 1:
         raise ValueError(f"need at least one peer, got n={n}")
     if threshold > n:
@@ -141,6 +150,37 @@ def check_threshold(n: int, threshold: int) -> None:
             f"threshold {threshold} is too low for n={n} peers: it must be more than n/2, "
             f"so raise it to at least {n // 2 + 1} (or admit fewer peers)"
         )
+    if threat_model == "active" and 3 * threshold <= 2 * n:
+        raise ValueError(
+            f"threshold {threshold} is too low for n={n} peers under the active threat model: "
+            f"it must be more than 2n/3, so raise it to at least {2 * n // 3 + 1} "
+            "(or admit fewer peers)"
+        )
+
+
+def tolerated_colluders(n: int, threshold: int, threat_model: str) -> int:
+    """The most peers that may collude with the server without exposing an honest peer's
+    input, on the complete graph.
+
+    ``honest-but-curious`` (the server follows the protocol): ``t - 1``, since colluders with
+    fewer than ``t`` shares of a secret learn nothing of it.  ``active`` (the server lies about
+    who dropped, consistency checked by signatures): ``2t - n - 1`` (Bonawitz et al. 2017,
+    Theorem 6.5: secure while ``2t > n + |C|``)."""
+    check_threshold(n, threshold, threat_model)
+    if threat_model == "active":
+        return 2 * threshold - n - 1
+    return threshold - 1
+
+
+ACTIVE_CORRUPT_RATE = 0.05
+"""The corrupt fraction γ the sparse graph's share threshold is chosen for under ``active``
+(the semi-malicious setting of fcp's graph parameter finder, γ = 0.05 in its tables); under
+``honest-but-curious`` γ = 0, which still demands an honest majority of every neighbourhood."""
+
+
+def corrupt_rate_for(threat_model: str) -> float:
+    """γ for :func:`sparse_parameters` under ``threat_model``."""
+    return ACTIVE_CORRUPT_RATE if threat_model == "active" else 0.0
 
 
 def default_threshold(n: int, threat_model: str) -> int:
@@ -443,12 +483,14 @@ def sparse_graph(
     return NeighbourGraph("sparse", n, params.degree, params.share_threshold, seed)
 
 
-def make_graph(kind: GraphKind, n: int, threshold: int, seed: bytes) -> NeighbourGraph:
-    """``complete_graph`` or ``sparse_graph`` (default rates) by name."""
+def make_graph(kind: GraphKind, n: int, threshold: int, seed: bytes,
+               threat_model: str = "honest-but-curious") -> NeighbourGraph:
+    """``complete_graph`` or ``sparse_graph`` by name; the sparse graph for the default
+    dropout rate and the corrupt fraction of ``threat_model`` (:func:`corrupt_rate_for`)."""
     if kind == "complete":
         return complete_graph(n, threshold)
     if kind == "sparse":
-        return sparse_graph(n, threshold, seed)
+        return sparse_graph(n, threshold, seed, corrupt_rate=corrupt_rate_for(threat_model))
     raise ValueError(f"unknown graph kind {kind!r}: use 'complete' or 'sparse'")
 
 

@@ -38,6 +38,7 @@ from secagg.protocol import (
     TimerExpired,
 )
 from secagg.protocol.common import Encoder
+from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
 from secagg.sim import DeterministicRandom, peer_name
 from secagg.wire import SERVER, Envelope
 
@@ -168,14 +169,19 @@ def make_round(
     graph: str = "complete",
     start_peers: bool = True,
     pin_identities: bool = False,
+    mode: str = "masking",
+    paillier_keys: PaillierKeyPair | None = None,
 ) -> tuple[Net, np.ndarray, dict[str, SigningKey]]:
-    """A server and ``n`` peers with deterministic randomness, all registered."""
+    """A server and ``n`` peers with deterministic randomness, all registered.
+    ``paillier_keys`` is required in the modes that encrypt."""
     config = ServerConfig(session=SESSION, round=ROUND, max_peers=n, threshold=threshold,
                           dim=dim, threat_model=threat_model,  # type: ignore[arg-type]
                           graph=graph,  # type: ignore[arg-type]
-                          fan_in=fan_in, phase_timeout=10.0)
+                          fan_in=fan_in, phase_timeout=10.0, mode=mode,  # type: ignore[arg-type]
+                          paillier_key_bits=(paillier_keys.key_bits if paillier_keys
+                                             else DEFAULT_KEY_BITS))
     server = ServerProtocol(config, random_bytes=DeterministicRandom(seed, "server"),
-                            record_view=True)
+                            record_view=True, paillier_keys=paillier_keys)
     identities: dict[str, SigningKey] = {}
     names = [peer_name(i) for i in range(n)]
     if threat_model == "active":

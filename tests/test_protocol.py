@@ -954,7 +954,7 @@ def test_active_round_rejects_unsigned_registration() -> None:
 
 
 def test_active_unmask_request_with_a_different_u3_is_refused() -> None:
-    net, _ = _run_to_unmasking("active", n=5, threshold=3, seed=32)
+    net, _ = _run_to_unmasking("active", n=5, threshold=4, seed=32)
     name = "peer-00001"
     honest = net.held_of("unmask_request", name)[0].body
     assert isinstance(honest, wire.UnmaskRequest)
@@ -996,7 +996,7 @@ def test_active_unmask_request_with_too_few_signatures_is_refused() -> None:
 
 
 def test_active_unmask_request_with_a_forged_signature_is_refused() -> None:
-    net, _ = _run_to_unmasking("active", n=5, threshold=3, seed=34)
+    net, _ = _run_to_unmasking("active", n=5, threshold=4, seed=34)
     name = "peer-00000"
     honest = net.held_of("unmask_request", name)[0].body
     assert isinstance(honest, wire.UnmaskRequest)
@@ -1122,16 +1122,20 @@ def test_sparse_round_in_memory_gives_exact_sum() -> None:
 
 
 def test_active_sparse_round_in_memory_gives_exact_sum() -> None:
-    net, inputs, _ = make_round(6, 6, dim=3, seed=51, graph="sparse", fan_in=2,
+    # Under active the graph is built for a corrupt fraction (graph.ACTIVE_CORRUPT_RATE):
+    # with t = n = 30 that is degree 12, where the honest-but-curious graph is a ring.
+    net, inputs, _ = make_round(30, 30, dim=3, seed=51, graph="sparse", fan_in=2,
                                 threat_model="active")
     net.run()
     assert net.errors == []
-    assert_sum(net, inputs, list(range(6)))
+    graph = net.server.graph
+    assert graph is not None and graph.kind == "sparse" and 2 < graph.degree < 29
+    assert_sum(net, inputs, list(range(30)))
 
 
 # Regression test (was a strict xfail documenting a bug, since fixed).
 def test_active_peer_does_not_count_signatures_under_substituted_identity_keys() -> None:
-    n = 6  # t = n: the SecAgg+ graph is a ring, each peer has 2 neighbours
+    n = 30  # t = n: the active SecAgg+ graph has degree 12, so most peers are strangers
     net, _, _ = make_round(n, n, dim=3, seed=52, graph="sparse", fan_in=2,
                            threat_model="active", pin_identities=True)
     net.run(hold=is_type("masking_start"))

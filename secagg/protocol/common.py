@@ -78,7 +78,7 @@ def check_round_shape(size: int, threshold: int, threat_model: str, graph_kind: 
     if graph_kind not in GRAPH_KINDS:
         raise ProtocolError(f"unknown graph kind {graph_kind!r}")
     try:
-        check_threshold(size, threshold)
+        check_threshold(size, threshold, threat_model)
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
 

@@ -3,8 +3,9 @@
 The server builds a tree over the live members of U2 and tells each peer its
 place in it. It never sees a single input: only the root's combined payload,
 sent once at least t contributions are in it. When a peer goes, whoever now
-collects for it learns so; when the root is unreachable, the peer that says so
-becomes the new root. U3 is the root's contributor set.
+collects for it learns so; when the root's connection to the server is gone, a
+peer that reported it unreachable becomes the new root. A report alone never
+demotes a connected root. U3 is the root's contributor set.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from secagg.wire import (
 )
 
 log = logging.getLogger("secagg.server")
+
+MAX_ANCESTOR_REPORTS = 8
+"""AncestorsUnreachable reports one peer may send in a round. An honest peer sends one per
+ancestor it loses (at most the tree's depth, a handful), plus one when a new root it was
+pointed at goes too; more is a peer trying to make the server work or re-route."""
 
 _S = ServerState
 
@@ -117,7 +123,12 @@ class CollectPhase(ServerPhase):
         self.holders = holders
         self.tree = tree
         self.pointed_to: dict[int, int] = {}
-        """Reporter of unreachable ancestors -> the new root it was pointed at."""
+        """Reporter of unreachable ancestors -> the root it was last pointed at."""
+        self.reports: dict[int, int] = {}
+        """Reporter -> how many AncestorsUnreachable it sent this round (bounded)."""
+        self.waiting_reporters: set[int] = set()
+        """Reporters that could not reach a root still connected to us: if that root goes,
+        one of them becomes the new root and the others follow it."""
 
     # ---------------------------------------------------------- tree repair
 
@@ -126,6 +137,11 @@ class CollectPhase(ServerPhase):
         ctx, tree = self.ctx, self.tree
         if u not in tree:
             return [], self
+        if u == ctx.root:
+            reporters = [r for r in sorted(self.waiting_reporters) if ctx.live(r)]
+            if reporters:
+                # A reporter that could not reach the root was right after all.
+                return self._name_new_root(reporters[0])
         # The nearest live ancestor is who collects u's children now.
         ancestor = tree.nearest_live_ancestor(u, ctx.live)
         waiting = [ancestor] if ancestor is not None else []
@@ -155,29 +171,56 @@ class CollectPhase(ServerPhase):
         u = ctx.index[env.sender]
         if u not in ctx.u2:
             raise RemoteProtocolError(f"{env.sender!r} is not in U2", DropReason.NOT_ON_ROSTER)
+        self.reports[u] = self.reports.get(u, 0) + 1
+        if self.reports[u] > MAX_ANCESTOR_REPORTS:
+            raise RemoteProtocolError(
+                f"{env.sender!r} reported unreachable ancestors {self.reports[u]} times "
+                f"(at most {MAX_ANCESTOR_REPORTS} per round)", DropReason.TOO_MANY_FRAMES)
         if u == ctx.root:
             # A repeat that crossed our NewRoot naming u: nothing more to do.
             log.info("ignoring a repeated ancestor report from the root %r", env.sender)
             return [], self
         current = ctx.root
-        if current != self.tree.root() and ctx.live(current) and \
-                self.pointed_to.get(u) != current:
-            # A new root is already named and, as far as we know, alive: point at it.
+        if ctx.live(current):
+            # Never demote a connected root on another peer's word: one malicious
+            # reporter would take over the aggregate (and, in paillier mode, could
+            # then publish a single input as the sum). Point the reporter at the root
+            # once; if the root really is gone, its connection closes (or stops
+            # answering keepalives) and peer_left names a reporter then.
+            self.waiting_reporters.add(u)
+            if self.pointed_to.get(u) == current:
+                log.info("%r still cannot reach the root %r, which is connected; waiting "
+                         "for the root to finish or go", env.sender, ctx.names[current])
+                return [], self
             self.pointed_to[u] = current
             return [ctx.send(u, NewRoot(root=ctx.entries[current], expected=[], contacts=[],
                                         forward_after=0.0))], self
-        # The current root is gone (or unreachable for u twice): the reporter, alive
-        # and holding a partial sum, becomes the root.
+        return self._name_new_root(u)
+
+    def _name_new_root(self, u: int) -> Step:
+        """The root is gone (its connection closed): ``u``, alive and holding a partial
+        sum it could not deliver, becomes the root."""
+        ctx = self.ctx
+        current = ctx.root
         ctx.gone.add(current)
         ctx.root = u
+        self.waiting_reporters.discard(u)
         # The new root does not know the dead root's subtree: it waits for every live
         # member of U2 to be accounted for (inside some partial sum, or gone).
         expected = [v for v in sorted(ctx.u2) if v != u and ctx.live(v)]
-        log.info("root %s unreachable; %s is the new root", ctx.names[current], ctx.names[u])
+        log.info("root %s gone; %s is the new root", ctx.names[current], ctx.names[u])
         ctx.stats["new_root"] = ctx.names[u]
-        return [ctx.send(u, NewRoot(
+        actions: list[Action] = [ctx.send(u, NewRoot(
             root=ctx.entries[u], expected=expected, contacts=[ctx.entries[c] for c in expected],
-            forward_after=ctx.config.phase_timeout / (self.tree.max_depth + 2)))], self
+            forward_after=ctx.config.phase_timeout / (self.tree.max_depth + 2)))]
+        # Reporters that were told to keep trying the old root now follow the new one.
+        for other in sorted(self.waiting_reporters):
+            if ctx.live(other):
+                self.pointed_to[other] = u
+                actions.append(ctx.send(other, NewRoot(root=ctx.entries[u], expected=[],
+                                                       contacts=[], forward_after=0.0)))
+        self.waiting_reporters.clear()
+        return actions, self
 
     # ---------------------------------------------------------- the root's sum
 

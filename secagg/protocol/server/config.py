@@ -43,7 +43,7 @@ class ServerConfig:
             raise ValueError(f"session id must be {SESSION_BYTES} bytes")
         if self.max_peers < 2:
             raise ValueError(f"max_peers must be at least 2, got {self.max_peers}")
-        check_threshold(self.max_peers, self.threshold)
+        check_threshold(self.max_peers, self.threshold, self.threat_model)
         if self.dim < 1:
             raise ValueError(f"dim must be positive, got {self.dim}")
         if self.threat_model not in THREAT_MODELS:

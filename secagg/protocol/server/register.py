@@ -194,7 +194,7 @@ class RegisterPhase(ServerPhase):
                        for u, (name, keys) in
                        enumerate((name, self.registered[name]) for name in ctx.names)]
         graph_seed = ctx.random_bytes(32)
-        graph = make_graph(config.graph, n, config.threshold, graph_seed)
+        graph = make_graph(config.graph, n, config.threshold, graph_seed, config.threat_model)
         ctx.graph = graph
         ctx.size_for_roster()
         ctx.stats.update(registered=n, mode=config.mode, graph=config.graph,
