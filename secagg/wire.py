@@ -178,6 +178,7 @@ class PeerEntry:
     mask_key: Key32
     identity_key: OptionalKey32 = b""
     signature: OptionalSignature = b""
+    self_mask_commitment: OptionalKey32 = b""
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,9 @@ class AdvertiseKeys(Message):
     mask_key: Key32
     identity_key: OptionalKey32 = b""
     signature: OptionalSignature = b""
+    self_mask_commitment: OptionalKey32 = b""
+    """SHA-256 binding b_u to the session, round and peer (common.self_mask_commitment):
+    the server checks every reconstructed b_u against it."""
 
 
 @message

@@ -7,6 +7,7 @@ the server cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable
 from typing import Literal
@@ -42,10 +43,19 @@ def round_limits(*, peers: int, dim: int, modulus_bits: int,
 
 
 def signed_keys_message(session: bytes, round: int, name: str, channel_key: bytes,
-                        mask_key: bytes) -> bytes:
+                        mask_key: bytes, self_mask_commitment: bytes) -> bytes:
     """What a peer signs in R0 under the active threat model."""
     return b"|".join([PROTOCOL_ID, b"advertise", session, struct.pack(">Q", round),
-                      name.encode(), channel_key, mask_key])
+                      name.encode(), channel_key, mask_key, self_mask_commitment])
+
+
+def self_mask_commitment(session: bytes, round: int, name: str, seed: bytes) -> bytes:
+    """A peer's R0 commitment to its self-mask seed b_u: SHA-256 over the seed bound to
+    the session, round and peer. b_u has 256 bits of entropy, so the hash hides it; the
+    server checks each reconstructed b_u against it, which catches a wrong share (or a
+    wrong-but-consistent set of them) that would otherwise leave a wrong aggregate."""
+    return hashlib.sha256(b"|".join([PROTOCOL_ID, b"self-mask-commitment", session,
+                                     struct.pack(">Q", round), name.encode(), seed])).digest()
 
 
 def consistency_message(session: bytes, round: int, contributors: Iterable[int]) -> bytes:

@@ -38,7 +38,6 @@ SHARE_REPORT_FRACTION = 0.75
 def start_sharing(context: RoundContext) -> Step:
     """Split b_u and s_sk_u over the neighbourhood and send each neighbour its pair."""
     random_bytes = context.settings.random_bytes
-    context.self_mask_seed = random_bytes(32)
     points = [v + 1 for v in context.neighbours]
     threshold = context.share_threshold
     b_shares = shamir.split(context.self_mask_seed, threshold=threshold, indices=points,

@@ -115,13 +115,17 @@ class RegisterPhase(ServerPhase):
         if ctx.config.threat_model == "active":
             try:
                 verify(keys.identity_key, signed_keys_message(
-                    env.session, env.round, name, keys.channel_key, keys.mask_key),
-                    keys.signature)
+                    env.session, env.round, name, keys.channel_key, keys.mask_key,
+                    keys.self_mask_commitment), keys.signature)
             except CryptoError as exc:
                 raise RemoteProtocolError(f"keys of {name!r} are not validly signed: {exc}",
                                           DropReason.INVALID_KEYS) from None
         if keys.channel_key == keys.mask_key:
             raise RemoteProtocolError(f"{name!r} advertised the same key twice",
+                                      DropReason.INVALID_KEYS)
+        if ctx.mode.masks and len(keys.self_mask_commitment) != 32:
+            # Without it a wrong share of b_u would go unnoticed in R4.
+            raise RemoteProtocolError(f"{name!r} did not commit to its self-mask seed",
                                       DropReason.INVALID_KEYS)
         self.registered[name] = keys
         self.withdrawn.discard(name)
@@ -190,7 +194,8 @@ class RegisterPhase(ServerPhase):
                          None)
         ctx.entries = [PeerEntry(index=u, name=name, address=keys.address,
                                  channel_key=keys.channel_key, mask_key=keys.mask_key,
-                                 identity_key=keys.identity_key, signature=keys.signature)
+                                 identity_key=keys.identity_key, signature=keys.signature,
+                                 self_mask_commitment=keys.self_mask_commitment)
                        for u, (name, keys) in
                        enumerate((name, self.registered[name]) for name in ctx.names)]
         graph_seed = ctx.random_bytes(32)

@@ -17,6 +17,7 @@ has.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -33,7 +34,9 @@ from secagg.protocol.server.recover import (
     MASK_KEY,
     SELF_MASK,
     UnmaskFailed,
+    mask_key_check,
     recover_secrets,
+    self_mask_check,
     unmask_aggregate,
 )
 from secagg.wire import (
@@ -47,6 +50,8 @@ from secagg.wire import (
     UnmaskRequest,
     UnmaskShares,
 )
+
+log = logging.getLogger("secagg.server")
 
 _S = ServerState
 
@@ -114,6 +119,8 @@ class UnmaskPhase(ServerPhase):
         self.deferred: dict[int, tuple[set[int], set[int]]] = {}
         """Holder -> what to ask it for once it has answered its outstanding request."""
         self.answered: set[int] = set()
+        self.spares: dict[Secret, int] = {}
+        """Secrets whose first shares failed their check -> extra shares wanted of them."""
         self.shares: tuple[dict[int, list[shamir.Share]], dict[int, list[shamir.Share]]] = \
             ({}, {})
 
@@ -123,11 +130,12 @@ class UnmaskPhase(ServerPhase):
     # -------------------------------------------------------------- requests
 
     def request(self, secrets: Iterable[Secret], *, everyone: bool = False) -> Step:
-        """Ask for the shares still missing of ``secrets`` (t per secret)."""
-        ctx, need = self.ctx, self.graph.share_threshold
+        """Ask for the shares still missing of ``secrets`` (t per secret, plus any spares)."""
+        ctx, threshold = self.ctx, self.graph.share_threshold
         wants: dict[int, Wanted] = {}
         for secret in secrets:
             kind, u = secret
+            need = threshold + self.spares.get(secret, 0)
             promised = self.promised.setdefault(secret, set())
             deficit = need - len(self.shares[kind].get(u, ())) - len(promised)
             if deficit <= 0:
@@ -142,6 +150,10 @@ class UnmaskPhase(ServerPhase):
                         break
             if len(picked) < deficit:
                 what = SELF_MASK if kind == SELF else MASK_KEY
+                if secret in self.spares:
+                    return abort(ctx, f"cannot unmask: the shares of the {what} of "
+                                      f"{ctx.names[u]!r} fail its check and no t of them "
+                                      "pass it (too many wrong shares)", self.GONE_REASON)
                 return abort(ctx, f"cannot unmask: too few live holders of shares of the "
                                   f"{what} of {ctx.names[u]!r} ({need} needed)",
                              self.GONE_REASON)
@@ -235,11 +247,32 @@ class UnmaskPhase(ServerPhase):
             if v not in self.answered:
                 ctx.drop(v, DropReason.UNMASK_SHARE_MISSING)
         try:
-            self_masks = recover_secrets(ctx, self.shares[SELF], self.owners[SELF],
-                                         threshold=threshold, what=SELF_MASK)
-            mask_keys = recover_secrets(ctx, self.shares[KEY], self.owners[KEY],
-                                        threshold=threshold, what=MASK_KEY)
-            total = unmask_aggregate(ctx, self.graph, self.aggregate, self_masks, mask_keys)
+            self_masks = recover_secrets(self.shares[SELF], self.owners[SELF],
+                                         threshold=threshold, check=self_mask_check(ctx),
+                                         names=ctx.names, what=SELF_MASK)
+            mask_keys = recover_secrets(self.shares[KEY], self.owners[KEY],
+                                        threshold=threshold, check=mask_key_check(ctx),
+                                        names=ctx.names, what=MASK_KEY)
+        except UnmaskFailed as exc:
+            return abort(ctx, str(exc), self.GONE_REASON)
+        for recovered, what in ((self_masks, SELF_MASK), (mask_keys, MASK_KEY)):
+            for liar, owner in sorted(recovered.liars.items()):
+                ctx.drop(liar, DropReason.WRONG_SHARE,
+                         f"its share of the {what} of {ctx.names[owner]!r} is wrong")
+        unresolved = [(SELF, u) for u in self_masks.unresolved] + \
+                     [(KEY, u) for u in mask_keys.unresolved]
+        if unresolved:
+            # A wrong share among the first t: one more share per failing secret, until
+            # some t of them pass the check (or the holders run out: abort).
+            for secret in unresolved:
+                self.spares[secret] = self.spares.get(secret, 0) + 1
+                kind, u = secret
+                log.warning("the %s of %s fails its check: asking for a spare share",
+                            SELF_MASK if kind == SELF else MASK_KEY, ctx.names[u])
+            return self.request(unresolved)
+        try:
+            total = unmask_aggregate(ctx, self.graph, self.aggregate, self_masks.secrets,
+                                     mask_keys.secrets)
         except UnmaskFailed as exc:
             return abort(ctx, str(exc), self.GONE_REASON)
         return decode_and_finish(ctx, total, self.GONE_REASON)
