@@ -5,15 +5,26 @@ array (one row per round). Progress goes to stderr; no vector or secret is ever
 printed. One line per round says how it ended; the exit status (defined in
 :mod:`secagg.cli_support`) is the most severe of the rounds' (ok, excluded,
 aborted), or says why the peer had to stop (lost the coordinator, rejected).
+
+``secagg-peer keygen --out FILE`` writes an Ed25519 identity key (PKCS#8 PEM, mode
+0600) and prints its public identity line, ``ID HEX-PUBLIC-KEY``; ``--identity FILE``
+makes the peer sign its keys with it, ``--trust FILE`` (such lines, one per peer)
+is the closed list of peers it accepts in a roster, and either makes it insist on
+the active threat model unless ``--threat-model`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import logging
+import os
 import signal
 import ssl
+import stat
+import string
 import sys
 from pathlib import Path
 
@@ -31,10 +42,19 @@ from secagg.cli_support import (
     configure_logging,
     exit_status_epilog,
     os_error_text,
+    raise_open_file_limit,
     worse,
 )
-from secagg.errors import SecAggError
+from secagg.crypto.signing import (
+    PUBLIC_KEY_LENGTH,
+    SigningKey,
+    generate_signing_key,
+    load_signing_key_pem,
+    signing_key_pem,
+)
+from secagg.errors import SecAggError, WireError
 from secagg.protocol import PeerOutcome
+from secagg.wire import validate_names
 
 log = logging.getLogger("secagg.peer.cli")
 
@@ -49,7 +69,19 @@ def _listen_address(text: str) -> tuple[str, int]:
 DESCRIPTION = """\
 Take part in secure-aggregation rounds with a vector read from a .npy file: a 1-D
 array (the same input every round) or a 2-D array (one row per round). Prints one
-line per round to stderr; never prints a vector or a secret."""
+line per round to stderr; never prints a vector or a secret.
+
+Identity keys for the active threat model: secagg-peer keygen --out FILE (see
+secagg-peer keygen --help)."""
+
+KEYGEN_DESCRIPTION = """\
+Write a new Ed25519 identity key for --identity to FILE (unencrypted PKCS#8 PEM,
+mode 0600; an existing file is never overwritten) and print this peer's public
+identity line, 'ID PUBLIC-KEY-HEX', to stdout. Collect every peer's line in one
+file for --trust."""
+
+MAX_TRUST_FILE_BYTES = 16 << 20
+"""A --trust file is read whole; this bounds it (about 100,000 peers)."""
 
 # Peer.contribute's reasons when the connection to the coordinator is gone: its
 # outcome's status is "aborted" (or "rejected" when no round was open), so only the
@@ -62,6 +94,7 @@ LOST_REASONS = frozenset({"lost the connection to the server",
 ALREADY_PRINTED = (
     ("secagg.peer", r"^\S+: rejected by the coordinator: "),
     ("secagg.peer", r"^\S+: declines round \d+: "),
+    ("secagg.peer", r"^\S+ aborts: the round runs under the \S+ threat model, "),
 )
 
 
@@ -92,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-noise-multiplier", type=float, default=None, metavar="Z",
                         help="take part only in rounds with distributed-DP noise of at "
                              "least this multiplier (default: no floor)")
+    parser.add_argument("--identity", type=Path, metavar="FILE",
+                        help="this peer's Ed25519 signing key (from secagg-peer keygen, "
+                             "or openssl genpkey -algorithm ed25519; readable by its "
+                             "owner only); needed under --threat-model active "
+                             "(default: none)")
+    parser.add_argument("--trust", type=Path, metavar="FILE",
+                        help="the peers this peer accepts, one 'ID PUBLIC-KEY' per line "
+                             "(hex or base64, # starts a comment): a roster naming any "
+                             "other peer, or another key, ends the round; needs --identity "
+                             "(default: accept any peer)")
+    parser.add_argument("--threat-model", choices=["honest-but-curious", "active"],
+                        default=None,
+                        help="take part only in rounds of this threat model (default: "
+                             "active with --identity or --trust, otherwise any)")
     parser.add_argument("--strict", action="store_true",
                         help="refuse (withdraw from) a round that would clip this peer's "
                              "input, instead of clipping it")
@@ -109,6 +156,174 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CA bundle to verify wss:// endpoints (default: the system's)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     return parser
+
+
+def build_keygen_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="secagg-peer keygen", description=KEYGEN_DESCRIPTION)
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE",
+                        help="where to write the private key")
+    parser.add_argument("--public-out", type=Path, metavar="FILE",
+                        help="also write the public identity line to this file "
+                             "(default: stdout only)")
+    parser.add_argument("--id", dest="peer_id", metavar="ID",
+                        help="the peer id the identity line names (default: the name of "
+                             "--out without its suffix)")
+    return parser
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong with a file the message names already."""
+    return exc.strerror or os_error_text(exc)
+
+
+def identity_line(peer_id: str, public_key: bytes) -> str:
+    """A peer's public identity as a --trust file lists it."""
+    return f"{peer_id} {public_key.hex()}"
+
+
+def parse_public_key(text: str) -> bytes:
+    """A 32-byte Ed25519 public key written in hex or base64; ValueError otherwise."""
+    if all(c in string.hexdigits for c in text):  # base64 of 32 bytes ends in "="
+        if len(text) != 2 * PUBLIC_KEY_LENGTH:
+            raise ValueError(f"the public key has {len(text)} hex digits, an Ed25519 key "
+                             f"has {2 * PUBLIC_KEY_LENGTH}")
+        return bytes.fromhex(text)
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the public key is neither hex nor base64") from None
+    if len(key) != PUBLIC_KEY_LENGTH:
+        raise ValueError(f"the public key has {len(key)} bytes, an Ed25519 key has "
+                         f"{PUBLIC_KEY_LENGTH}")
+    return key
+
+
+def load_trusted_identities(path: Path) -> dict[str, bytes]:
+    """The --trust file: peer id -> public key. ValueError (one line, naming the file
+    and the line) if it is unreadable or malformed."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_TRUST_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"--trust {path}: {os_reason(exc)}") from None
+    if len(data) > MAX_TRUST_FILE_BYTES:
+        raise ValueError(f"--trust {path}: larger than {MAX_TRUST_FILE_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--trust {path}: not a UTF-8 text file") from None
+    trusted: dict[str, bytes] = {}
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"--trust {path} line {number}"
+        if len(fields) != 2:
+            raise ValueError(f"{where}: expected 'ID PUBLIC-KEY', got {len(fields)} "
+                             f"field{'s' if len(fields) != 1 else ''}")
+        peer_id, key_text = fields
+        try:
+            validate_names([peer_id])
+        except WireError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if peer_id in trusted:
+            raise ValueError(f"{where}: {peer_id!r} is listed twice (first on line "
+                             f"{first_line[peer_id]})")
+        try:
+            trusted[peer_id] = parse_public_key(key_text)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        first_line[peer_id] = number
+    if not trusted:
+        raise ValueError(f"--trust {path}: lists no identities")
+    return trusted
+
+
+def load_identity(path: Path) -> SigningKey:
+    """The --identity key file; ValueError (one line) if it is unusable or others may
+    read it (as ssh does: a key the whole machine can read is no identity)."""
+    try:
+        with path.open("rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(64 << 10)  # a PEM Ed25519 key is 119 bytes
+    except OSError as exc:
+        raise ValueError(f"--identity {path}: {os_reason(exc)}") from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise ValueError(f"--identity {path}: other users may read this private key (mode "
+                         f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}")
+    try:
+        return load_signing_key_pem(data)
+    except SecAggError as exc:
+        raise ValueError(f"--identity {path}: {exc}") from None
+
+
+def write_private_key(path: Path, key: SigningKey) -> None:
+    """Create ``path`` with mode 0600 (whatever the umask) and write ``key`` to it; an
+    existing file (or symlink) is an OSError, never overwritten."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, signing_key_pem(key))
+    except BaseException:
+        os.close(descriptor)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(descriptor)
+
+
+def keygen_main(argv: list[str]) -> int:
+    """``secagg-peer keygen``: write a new identity key, print its public line."""
+    parser = build_keygen_parser()
+    args = parser.parse_args(argv)
+    peer_id = args.peer_id if args.peer_id is not None else args.out.stem
+    try:
+        validate_names([peer_id])
+    except WireError as exc:
+        parser.error(f"--id: {exc}" if args.peer_id is not None else
+                     f"--out {args.out}: {exc}; name the peer with --id")
+    if args.public_out is not None and args.public_out.resolve() == args.out.resolve():
+        parser.error("--public-out must differ from --out")
+    key = generate_signing_key()
+    line = identity_line(peer_id, key.public_bytes)
+    try:
+        write_private_key(args.out, key)
+    except FileExistsError:
+        parser.error(f"--out {args.out} exists; remove it or choose another file (a key "
+                     "is never overwritten)")
+    except OSError as exc:
+        parser.error(f"--out {args.out}: {os_reason(exc)}")
+    if args.public_out is not None:
+        try:
+            with args.public_out.open("x", encoding="utf-8") as public_file:
+                public_file.write(line + "\n")
+        except FileExistsError:
+            parser.error(f"--public-out {args.public_out} exists; remove it or choose "
+                         f"another file (the private key is in {args.out})")
+        except OSError as exc:
+            parser.error(f"--public-out {args.public_out}: {os_reason(exc)} (the "
+                         f"private key is in {args.out})")
+    print(line, flush=True)
+    return int(ExitStatus.OK)
+
+
+def load_identities(args: argparse.Namespace) -> tuple[SigningKey | None, dict[str, bytes]]:
+    """--identity and --trust, checked against each other and --threat-model;
+    ValueError (one line) if they do not fit."""
+    identity = load_identity(args.identity) if args.identity is not None else None
+    trusted = load_trusted_identities(args.trust) if args.trust is not None else {}
+    if trusted and identity is None:
+        raise ValueError("--trust needs --identity: this peer's own roster entry must be "
+                         "signed like the others'")
+    if identity is not None:
+        pinned = trusted.get(args.peer_id)
+        if pinned is not None and pinned != identity.public_bytes:
+            raise ValueError(f"--trust {args.trust} lists {args.peer_id!r}, this peer, "
+                             f"under another key than --identity {args.identity}")
+    if args.threat_model == "active" and identity is None:
+        raise ValueError("--threat-model active needs --identity (this peer signs its "
+                         "keys and its view of the round)")
+    return identity, trusted
 
 
 def load_inputs(path: Path, rounds: int | None) -> tuple[np.ndarray, int]:
@@ -156,7 +371,9 @@ def round_status(outcome: PeerOutcome, opened: bool = True) -> tuple[ExitStatus,
     return ExitStatus.ROUND_ABORTED, f"{outcome.status}{reason}"
 
 
-async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> ExitStatus:
+async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int,
+                    identity: SigningKey | None = None,
+                    trusted: dict[str, bytes] | None = None) -> ExitStatus:
     listener_ssl = client_ssl = None
     if args.tls_cert:
         listener_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -175,7 +392,9 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> 
     async with Peer(args.server, args.peer_id, listen=listen, listener_ssl=listener_ssl,
                     client_ssl=client_ssl, progress=progress,
                     mode=None if args.mode == "any" else args.mode,
-                    min_noise_multiplier=args.min_noise_multiplier) as peer:
+                    min_noise_multiplier=args.min_noise_multiplier, identity=identity,
+                    trusted_identities=trusted or None,
+                    threat_model=args.threat_model) as peer:
         for index in range(rounds):
             vector = data[index] if data.ndim == 2 else data
             try:
@@ -198,11 +417,12 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int) -> 
     return status
 
 
-async def until_signalled(args: argparse.Namespace, data: np.ndarray,
-                          rounds: int) -> ExitStatus:
+async def until_signalled(args: argparse.Namespace, data: np.ndarray, rounds: int,
+                          identity: SigningKey | None = None,
+                          trusted: dict[str, bytes] | None = None) -> ExitStatus:
     """:func:`take_part`, ended cleanly (the peer closes its connections) by SIGINT or
     SIGTERM."""
-    task = asyncio.ensure_future(take_part(args, data, rounds))
+    task = asyncio.ensure_future(take_part(args, data, rounds, identity, trusted))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -216,8 +436,12 @@ async def until_signalled(args: argparse.Namespace, data: np.ndarray,
 
 
 def main(argv: list[str] | None = None) -> int:
+    raise_open_file_limit()  # a descriptor per peer link: the default 1,024 is too few
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["keygen"]:
+        return keygen_main(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     configure_logging(args.verbose, ALREADY_PRINTED)
     if not args.server.startswith(("ws://", "wss://")):
         parser.error(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
@@ -229,10 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     try:
         data, rounds = load_inputs(args.input, args.rounds)
+        identity, trusted = load_identities(args)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return int(asyncio.run(until_signalled(args, data, rounds)))
+        return int(asyncio.run(until_signalled(args, data, rounds, identity, trusted)))
     except KeyboardInterrupt:
         print("secagg-peer: interrupted", file=sys.stderr)
         return int(ExitStatus.INTERRUPTED)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -39,7 +39,7 @@ from secagg.protocol import (
     PeerOutcome,
     PeerProtocol,
 )
-from secagg.protocol.common import MODES, Mode, round_limits
+from secagg.protocol.common import MODES, Mode, ThreatModel, round_limits
 from secagg.protocol.events import Action, Bind, Disconnect, FrameReceived, Send
 from secagg.protocol.modes import round_mode, slot_layout
 from secagg.wire import (
@@ -128,7 +128,7 @@ class Peer:
         listener_ssl: ssl.SSLContext | None = None,
         client_ssl: ssl.SSLContext | None = None,
         identity: SigningKey | None = None,
-        trusted_identities: dict[str, bytes] | None = None,
+        trusted_identities: Mapping[str, bytes] | None = None,
         progress: ProgressCallback | None = None,
         connect_attempts: int = 5,
         backoff: float = 0.2,
@@ -137,11 +137,21 @@ class Peer:
         random_bytes: RandomBytes = os.urandom,
         mode: Mode | None = None,
         min_noise_multiplier: float | None = None,
+        threat_model: ThreatModel | None = None,
     ) -> None:
         """``mode`` restricts this peer to rounds of that mode ("masking", "paillier"
         or "hybrid"); with None it takes part in whatever mode the coordinator runs.
         ``min_noise_multiplier`` is this peer's distributed-DP floor: it declines
-        rounds that add less noise (or none)."""
+        rounds that add less noise (or none).
+
+        ``identity`` is this peer's Ed25519 signing key and ``trusted_identities``
+        (peer id -> public key) the closed list of peers it accepts in a roster (its
+        own id may be left out). ``threat_model`` restricts it to rounds of that threat
+        model; it defaults to ``"active"`` for a peer with an identity key or pinned
+        identities (a peer that signs and checks keys is not silently downgraded to
+        honest-but-curious, where no signature is checked), to any otherwise. A round
+        of another threat model is declined when its roster arrives (the outcome is
+        ``aborted``, naming both models)."""
         if min_noise_multiplier is not None and not min_noise_multiplier >= 0:
             raise ValueError(f"min_noise_multiplier must be >= 0, got {min_noise_multiplier}")
         self.min_noise_multiplier = min_noise_multiplier
@@ -149,6 +159,11 @@ class Peer:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, not {mode!r}")
         self.mode = mode
+        # Each round builds its own PeerProtocol; this one only checks the identity
+        # settings now (ValueError here, not at the first round) and resolves the default.
+        self.threat_model = PeerProtocol(
+            peer_id, identity=identity, trusted_identities=trusted_identities,
+            threat_model=threat_model).required_threat_model
         self.server_url = server_url
         self.peer_id = peer_id
         self._listen = listen
@@ -350,7 +365,8 @@ class Peer:
         protocol = PeerProtocol(self.peer_id, address=self.address,
                                 random_bytes=self._random_bytes, identity=self._identity,
                                 trusted_identities=self._trusted, mode=self.mode,
-                                min_noise_multiplier=self.min_noise_multiplier)
+                                min_noise_multiplier=self.min_noise_multiplier,
+                                threat_model=self.threat_model)
         self._protocol = protocol
         # Wait long for the other end of a pair to open the shared connection: a peer
         # that died is announced by the coordinator, which ends the wait sooner.

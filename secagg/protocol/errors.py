@@ -67,10 +67,18 @@ class DropReason(StrEnum):
     """An aggregate from a non-root, or with a bad contributor set or payload."""
     INVALID_SHARES = "invalid_shares"
     """Unmasking shares that are malformed or were not requested."""
+    WRONG_SHARE = "wrong_share"
+    """Handed the server a well-formed share that is not on the secret's polynomial: the
+    secret rebuilt from it failed its check (b_u against its R0 commitment, s_sk_u against
+    its public key) and spare shares showed which holder lied."""
     AUTHENTICATION_FAILED = "authentication_failed"
     """A sealed frame that did not authenticate (CryptoError)."""
     TOO_MANY_FRAMES = "too_many_frames"
     """More early frames (sent before the phase that takes them) than may be buffered."""
+    FORBIDDEN_FORWARD = "forbidden_forward"
+    """Kept asking the coordinator to relay frames it may not relay: to itself, to a
+    peer with a listener, outside its neighbourhood or tree path, for another round,
+    or more than the round needs (``secagg.protocol.server.forward``)."""
     BAD_MESSAGE = "bad_message"
     """Any other fault in what it sent."""
 

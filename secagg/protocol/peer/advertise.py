@@ -17,7 +17,12 @@ from secagg.crypto.keys import generate_keypair
 from secagg.crypto.signing import sign
 from secagg.dp import DPConfig
 from secagg.errors import CryptoError, EncodingError, ProtocolError
-from secagg.protocol.common import Encoder, check_round_shape, signed_keys_message
+from secagg.protocol.common import (
+    Encoder,
+    check_round_shape,
+    self_mask_commitment,
+    signed_keys_message,
+)
 from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.events import Action
 from secagg.protocol.modes import round_mode
@@ -48,18 +53,22 @@ class IdlePhase(PeerPhase):
         settings = self.settings
         channel_keys = generate_keypair(settings.random_bytes)
         mask_keys = generate_keypair(settings.random_bytes)
+        # b_u is drawn now, not in R1, so that R0 can commit to it.
+        self_mask_seed = bytearray(settings.random_bytes(32))
+        commitment = self_mask_commitment(session, round, settings.name, bytes(self_mask_seed))
         identity_key, signature = b"", b""
         if settings.identity is not None:
             identity_key = settings.identity.public_bytes
             signature = sign(settings.identity, signed_keys_message(
                 session, round, settings.name, channel_keys.public_bytes,
-                mask_keys.public_bytes))
+                mask_keys.public_bytes, commitment))
         input = RoundInput(settings=settings, session=session, round=round, vector=vector,
                            weight=weight, channel_keys=channel_keys, mask_keys=mask_keys,
-                           rejected=rejected)
+                           rejected=rejected, self_mask_seed=self_mask_seed)
         advert = input.to_server(AdvertiseKeys(
             address=settings.address, channel_key=channel_keys.public_bytes,
-            mask_key=mask_keys.public_bytes, identity_key=identity_key, signature=signature))
+            mask_key=mask_keys.public_bytes, identity_key=identity_key, signature=signature,
+            self_mask_commitment=commitment))
         return [advert], AdvertisedPhase(input)
 
 
@@ -104,9 +113,15 @@ def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
         # A server must not talk a peer into another mode than it agreed to.
         raise RoundDeclined(f"the round runs in {mode.name} mode, this peer takes part "
                             f"only in {required.name} mode")
+    required_threat = settings.required_threat_model
+    if required_threat is not None and roster.threat_model != required_threat:
+        # Nor into another threat model: under honest-but-curious nobody checks the
+        # signatures that a peer holding identity keys relies on.
+        raise RoundDeclined(f"the round runs under the {roster.threat_model} threat model, "
+                            f"this peer takes part only under {required_threat}")
     try:
         graph = settings.graph_factory(roster.graph_kind, roster.size, roster.threshold,
-                                       roster.graph_seed)
+                                       roster.graph_seed, roster.threat_model)
     except ValueError as exc:
         raise RemoteProtocolError(f"roster graph: {exc}", DropReason.BAD_MESSAGE) from None
     if (graph.degree, graph.share_threshold) != (roster.degree, roster.share_threshold):

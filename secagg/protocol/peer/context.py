@@ -4,7 +4,8 @@ Three layers, each created once and handed to the phases that need it, so no
 phase ever asks whether a field "has been set yet":
 
 - :class:`PeerSettings`: how this peer was constructed (identity, pinned keys,
-  the mode it insists on, injectable randomness and graph factory);
+  the mode and threat model it insists on, injectable randomness and graph
+  factory);
 - :class:`RoundInput`: what ``start`` fixed: session, round, input vector, fresh
   key pairs;
 - :class:`RoundContext`: what the accepted roster fixed: the round's parameters,
@@ -31,6 +32,7 @@ from secagg.protocol.common import (
     PARTIAL_SUM,
     SHARE_KEYS,
     Encoder,
+    ThreatModel,
     associated,
     channel_key,
     envelope,
@@ -54,7 +56,8 @@ from secagg.wire import (
 
 log = logging.getLogger("secagg.peer")
 
-GraphFactory = Callable[[str, int, int, bytes], NeighbourGraph]
+GraphFactory = Callable[[str, int, int, bytes, str], NeighbourGraph]
+"""(kind, n, threshold, seed, threat model) -> the round's graph, as ``graph.make_graph``."""
 
 SEALED_PURPOSES: dict[str, str] = {EncryptedShares.TYPE: SHARE_KEYS,
                                    EncryptedPartialSum.TYPE: PARTIAL_SUM}
@@ -88,6 +91,8 @@ class PeerSettings:
     """The only mode this peer takes part in (None: whatever the server runs)."""
     min_noise_multiplier: float | None = None
     """The least distributed-DP noise this peer accepts (None: DP not required)."""
+    required_threat_model: ThreatModel | None = None
+    """The only threat model this peer takes part in (None: whatever the server runs)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class RoundInput:
     mask_keys: KeyPair
     rejected: list[str]
     """The protocol's list of refused frames (shared, for logs and tests)."""
+    self_mask_seed: bytearray
+    """b_u, drawn in R0 so that the peer commits to it there; zeroed when the round ends."""
 
     @property
     def name(self) -> str:
@@ -155,7 +162,6 @@ class RoundContext:
         """Peers whose connection closed or that the server reported dropped."""
         self.shares: dict[int, tuple[shamir.Share, shamir.Share]] = {}
         """owner -> (share of b_owner, share of s_sk_owner) held by this peer."""
-        self.self_mask_seed = b""
         self.clipped = 0
         """How many of this peer's coordinates its encoding clipped (set in R2)."""
         self._channel_private = load_private(input.channel_keys.private_bytes)
@@ -166,9 +172,9 @@ class RoundContext:
 
     def add_contacts(self, entries: Iterable[PeerEntry]) -> None:
         """Learn peers' entries (roster, tree relatives, a new root). All are checked
-        before any is stored; under the active model every new key must be signed by
-        a (pinned) identity, or the server could substitute the identity keys that R3
-        signatures are checked against."""
+        before any is stored; under the active model, or when this peer pins identities,
+        every new key must be signed by a (pinned) identity, or the server could
+        substitute the identity keys that R3 signatures are checked against."""
         fresh: dict[int, PeerEntry] = {}
         names: dict[str, int] = {}
         for entry in entries:
@@ -188,7 +194,7 @@ class RoundContext:
             except CryptoError as exc:
                 raise RemoteProtocolError(f"keys of {entry.name!r}: {exc}",
                                           DropReason.INVALID_KEYS) from None
-            if self.active:
+            if self.active or self.settings.trusted_identities:
                 self._verify_signed(entry)
             fresh[entry.index] = entry
             names[entry.name] = entry.index
@@ -196,14 +202,22 @@ class RoundContext:
         self.index_of.update(names)
 
     def _verify_signed(self, entry: PeerEntry) -> None:
-        pinned = self.settings.trusted_identities.get(entry.name)
-        if pinned is not None and pinned != entry.identity_key:
-            raise RemoteProtocolError(f"identity key of {entry.name!r} does not match the "
-                                      "pinned key", DropReason.INVALID_KEYS)
+        """The entry's keys are signed by its identity key, which is the pinned one when
+        this peer pins identities: the pin list is closed, or a server could add peers of
+        its own making (each signing its keys with a fresh identity of its own)."""
+        pins = self.settings.trusted_identities
+        if pins:
+            pinned = pins.get(entry.name)
+            if pinned is None:
+                raise RemoteProtocolError(f"peer {entry.name!r} is not among this peer's "
+                                          "trusted identities", DropReason.INVALID_KEYS)
+            if pinned != entry.identity_key:
+                raise RemoteProtocolError(f"identity key of {entry.name!r} does not match "
+                                          "the pinned key", DropReason.INVALID_KEYS)
         try:
             verify(entry.identity_key, signed_keys_message(
                 self.input.session, self.input.round, entry.name, entry.channel_key,
-                entry.mask_key), entry.signature)
+                entry.mask_key, entry.self_mask_commitment), entry.signature)
         except CryptoError as exc:
             raise RemoteProtocolError(f"keys of {entry.name!r} are not validly signed: {exc}",
                                       DropReason.INVALID_KEYS) from None
@@ -264,7 +278,13 @@ class RoundContext:
         entry = self.contacts[index]
         return Send(entry.name, self.input.envelope(body), entry.address)
 
+    @property
+    def self_mask_seed(self) -> bytes:
+        """b_u (all zero bytes once the round has ended)."""
+        return bytes(self.input.self_mask_seed)
+
     def forget_secrets(self) -> None:
         """Nothing after the round needs the shares or the self-mask seed."""
         self.shares.clear()
-        self.self_mask_seed = b""
+        seed = self.input.self_mask_seed
+        seed[:] = bytes(len(seed))

@@ -57,11 +57,21 @@ class LivePhase(PeerPhase):
     # -------------------------------------------------------------- endings
 
     def on_outcome(self, outcome: RoundOutcome) -> Step:
+        # "ok" only for a peer in the contributor set the server announced: a peer that
+        # stalled and woke up after being dropped hears "ok" about a round that went
+        # on without it. Where the list is sent, it is checked too.
+        listed = not outcome.contributors or self.input.name in outcome.contributors
+        included = outcome.status == "ok" and outcome.included and listed
+        status, reason = outcome.status, outcome.reason
+        if status == "ok" and not included:
+            status = "excluded"
+            reason = reason or (f"the round ended ok with {outcome.contributor_count} "
+                                "contributors, without this peer's input")
         return finish(self._context, PeerOutcome(
-            status=outcome.status, round=self.input.round,
+            status=status, round=self.input.round,
             contributors=tuple(outcome.contributors),
-            contributor_count=outcome.contributor_count, included=outcome.included,
-            reason=outcome.reason,
+            contributor_count=outcome.contributor_count, included=included,
+            reason=reason,
             clipped=self._context.clipped if self._context is not None else 0))
 
     def on_rejected(self, rejected: Rejected) -> Step:

@@ -34,7 +34,7 @@ from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey
 from secagg.errors import CryptoError, ProtocolError, WireError
 from secagg.graph import make_graph
-from secagg.protocol.common import Mode
+from secagg.protocol.common import THREAT_MODELS, Mode, ThreatModel
 from secagg.protocol.errors import DropReason, LocalProtocolError, RemoteProtocolError
 from secagg.protocol.events import (
     Action,
@@ -112,19 +112,48 @@ class PeerProtocol:
         mask_generator: MaskGenerator | None = None,
         mode: Mode | None = None,
         min_noise_multiplier: float | None = None,
+        threat_model: ThreatModel | None = None,
     ) -> None:
-        """``mode`` and ``min_noise_multiplier`` are this peer's own floor: it declines
-        rounds of another mode, or with less distributed-DP noise than that."""
+        """``mode``, ``threat_model`` and ``min_noise_multiplier`` are this peer's own
+        floor: it declines rounds of another mode or threat model, or with less
+        distributed-DP noise than that.
+
+        ``threat_model`` defaults to ``"active"`` when this peer holds an ``identity``
+        key or pins ``trusted_identities``: a peer that signs its keys and checks the
+        others' must not be silently downgraded to honest-but-curious, where nobody
+        checks a signature. Pass ``"honest-but-curious"`` to follow such rounds anyway.
+
+        ``trusted_identities`` (name -> Ed25519 public key) is closed: a roster entry of
+        a name not in it, or under another identity key, ends the round. It needs this
+        peer's own ``identity`` (which it trusts under its own name) and must not pin
+        this peer's name to another key (ValueError).
+        """
         if min_noise_multiplier is not None and not min_noise_multiplier >= 0:
             raise ValueError(f"min_noise_multiplier must be >= 0, got {min_noise_multiplier}")
+        if threat_model is not None and threat_model not in THREAT_MODELS:
+            raise ValueError(f"threat_model must be one of {THREAT_MODELS} or None, not "
+                             f"{threat_model!r}")
+        pins = dict(trusted_identities or {})
+        if pins:
+            if identity is None:
+                raise ValueError("trusted_identities needs this peer's own identity key "
+                                 "(identity=): the roster's entry of this peer is checked "
+                                 "against the pin list like every other")
+            own = pins.setdefault(name, identity.public_bytes)
+            if own != identity.public_bytes:
+                raise ValueError(f"trusted_identities pins {name!r}, this peer, under "
+                                 "another key than its identity key")
+        if threat_model is None and (identity is not None or pins):
+            threat_model = "active"
         self.name = name
         self.address = address
         self._settings = PeerSettings(
             name=name, address=address, random_bytes=random_bytes, identity=identity,
-            trusted_identities=dict(trusted_identities or {}), graph_factory=graph_factory,
+            trusted_identities=pins, graph_factory=graph_factory,
             mask_generator=mask_generator,
             required_mode=round_mode(mode) if mode is not None else None,
-            min_noise_multiplier=min_noise_multiplier)
+            min_noise_multiplier=min_noise_multiplier,
+            required_threat_model=threat_model)
         self.rejected: list[str] = []
         """Reasons for every frame this peer refused or ignored (for logs and tests)."""
         self._phase: PeerPhase = IdlePhase(self._settings)
@@ -189,6 +218,12 @@ class PeerProtocol:
         """The only mode this peer takes part in (None: whatever the server runs)."""
         required = self._settings.required_mode
         return required.name if required is not None else None
+
+    @property
+    def required_threat_model(self) -> ThreatModel | None:
+        """The only threat model this peer takes part in (None: whatever the server runs);
+        ``"active"`` by default for a peer with an identity key or pinned identities."""
+        return self._settings.required_threat_model
 
     @property
     def mode(self) -> str:
