@@ -1,13 +1,16 @@
-"""An in-memory network that runs whole rounds with scripted dropouts.
+"""An in-memory network that runs whole rounds with scripted dropouts and stalls.
 
 The same :class:`~secagg.protocol.PeerProtocol` and
 :class:`~secagg.protocol.ServerProtocol` objects that run on the wire are driven
 here by a discrete-event loop with a virtual clock: messages take one
 millisecond, timers fire at their virtual deadline, and a peer scripted to drop
 in a phase dies at the start of that phase (its connections close, so its
-neighbours, its tree relatives and the server see it go). Every frame is encoded
-and decoded with :mod:`secagg.wire` unless ``encode_frames=False``. Runs are
-deterministic: all randomness comes from ``seed``.
+neighbours, its tree relatives and the server see it go). A peer scripted to
+stall in a phase stays connected from then on, receives everything and sends
+nothing; as the drivers' keepalive would, everyone connected to it sees it go
+``2 * keepalive_seconds(phase_timeout)`` of virtual time after the stall began.
+Every frame is encoded and decoded with :mod:`secagg.wire` unless
+``encode_frames=False``. Runs are deterministic: all randomness comes from ``seed``.
 
 Quantization error: with clipping range c and scale s (chosen automatically as
 the largest power of two that keeps n contributions exact in Z_{2^k}), each
@@ -32,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey, generate_signing_key
 from secagg.dp import DPConfig
-from secagg.driver import dispatch
+from secagg.driver import dispatch, keepalive_seconds
 from secagg.graph import GraphKind, NeighbourGraph, make_graph
 from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
 from secagg.protocol.common import Mode
@@ -47,6 +50,7 @@ from secagg.protocol.events import (
     FrameReceived,
     MessageReceived,
     PeerGone,
+    PeerOutcome,
     RoundFinished,
     Send,
     ServerOutcome,
@@ -70,10 +74,10 @@ log = logging.getLogger("secagg.sim")
 
 PHASES = ("advertise_keys", "share_keys", "masked_input", "relay", "consistency_check",
           "unmasking")
-"""Where a scripted peer can die (see :func:`run_round`)."""
+"""Where a scripted peer can die or stall (see :func:`run_round`)."""
 
 LATENCY = 0.001
-# The server message on whose arrival a peer scripted for the phase dies.
+# The server message on whose arrival a peer scripted for the phase dies (or stalls).
 _DEATH_TRIGGER = {
     "share_keys": Roster.TYPE,
     "masked_input": MaskingStart.TYPE,
@@ -132,6 +136,13 @@ class SimResult:
     outcome: ServerOutcome | None = None
     clipped: int | None = None
     """How many input coordinates the contributors clipped (summed securely)."""
+    stalled: dict[int, str] = field(default_factory=dict)
+    """Peers whose scripted stall began -> its phase (a stall whose phase the round
+    never reached for that peer is not listed: the peer took part normally)."""
+    peer_outcomes: dict[int, PeerOutcome] = field(default_factory=dict)
+    """Each peer's own view of how the round ended (peers that died have none)."""
+    tree_parents: dict[int, int | None] = field(default_factory=dict)
+    """The accumulation tree the server built: member -> its parent (the root: None)."""
 
     @property
     def mean(self) -> np.ndarray | None:
@@ -145,12 +156,13 @@ def peer_name(index: int) -> str:
 
 
 @lru_cache(maxsize=8)
-def _cached_graph(kind: str, n: int, threshold: int, seed: bytes) -> NeighbourGraph:
-    return make_graph(kind, n, threshold, seed)  # type: ignore[arg-type]
+def _cached_graph(kind: str, n: int, threshold: int, seed: bytes,
+                  threat_model: str) -> NeighbourGraph:
+    return make_graph(kind, n, threshold, seed, threat_model)  # type: ignore[arg-type]
 
 
 class Network:
-    """The discrete-event loop: a virtual clock, a queue, and who is alive."""
+    """The discrete-event loop: a virtual clock, a queue, and who is alive or stalled."""
 
     def __init__(self, server: ServerProtocol, peers: Mapping[str, PeerProtocol],
                  dies_in: Mapping[str, str], *, encode_frames: bool) -> None:
@@ -160,7 +172,15 @@ class Network:
         self.encode_frames = encode_frames
         self.now = 0.0
         self.dead: set[str] = set()
-        self._queue: list[tuple[float, int, str, Event | _Frame]] = []
+        self.stalls_in: dict[str, str] = {}
+        self.stall_detection = 0.0
+        self.stalled: dict[str, float] = {}
+        """Peer -> the virtual time its stall began: from then on it sends nothing."""
+        self.stall_detected: dict[str, float] = {}
+        """Stalled peer -> the virtual time its keepalive failed (it was cut off)."""
+        self.finished_at: float | None = None
+        """The virtual time the server's outcome was fixed."""
+        self._queue: list[tuple[float, int, str, Event | _Frame | _StallDetected]] = []
         self._seq = 0
         self._timers: dict[tuple[str, str], int] = {}
         self.events = 0
@@ -170,9 +190,15 @@ class Network:
         self.server_seconds = 0.0
         """Wall time spent inside the server's ``start`` and ``handle``."""
 
+    def script_stalls(self, stalls_in: Mapping[str, str], detection: float) -> None:
+        """Peer name -> the phase it stalls in (the trigger is that of a dropout in the
+        same phase); a stall is noticed ``detection`` seconds after it began."""
+        self.stalls_in = dict(stalls_in)
+        self.stall_detection = detection
+
     # ----------------------------------------------------------- plumbing
 
-    def _push(self, delay: float, target: str, event: Event | _Frame) -> None:
+    def _push(self, delay: float, target: str, event: Event | _Frame | _StallDetected) -> None:
         self._seq += 1
         heapq.heappush(self._queue, (self.now + delay, self._seq, target, event))
 
@@ -189,7 +215,10 @@ class Network:
             self.events += 1
             if self.events > max_events:
                 raise RuntimeError("simulation did not converge")
-            self._deliver(target, event)
+            if isinstance(event, _StallDetected):
+                self._stall_detected(target)
+            else:
+                self._deliver(target, event)
 
     def apply(self, party: str, actions: list[Action]) -> None:
         if party not in self.dead:
@@ -197,11 +226,16 @@ class Network:
 
     def _send(self, sender: str, action: Send) -> None:
         env = action.envelope
-        if sender != SERVER and env.type in _FORWARDING and \
-                self.dies_in.get(sender) == "relay":
-            # Scripted: this peer dies holding its (and its children's) sums.
-            self.kill(sender)
-            return
+        if sender in self.stalled:
+            return  # a stalled peer's frames never leave it
+        if sender != SERVER and env.type in _FORWARDING:
+            # Scripted: this peer dies, or stalls, holding its (and its children's) sums.
+            if self.dies_in.get(sender) == "relay":
+                self.kill(sender)
+                return
+            if self.stalls_in.get(sender) == "relay":
+                self.stall(sender)
+                return
         payload: Envelope | bytes = env
         if self.encode_frames:
             frame = encode(env)
@@ -228,6 +262,9 @@ class Network:
         if trigger in _DEATH_TRIGGER and frame.original.type == _DEATH_TRIGGER[trigger]:
             self.kill(target)
             return
+        stall = self.stalls_in.get(target)
+        if stall in _DEATH_TRIGGER and frame.original.type == _DEATH_TRIGGER[stall]:
+            self.stall(target)  # it still reads this frame, and every later one
         if isinstance(frame.payload, bytes):
             self._handle(target, FrameReceived(frame.sender, frame.payload))
         else:
@@ -238,11 +275,15 @@ class Network:
             started = time.perf_counter()
             actions = self.server.handle(event)
             self.server_seconds += time.perf_counter() - started
+            if self.finished_at is None and self.server.outcome is not None:
+                self.finished_at = self.now
         else:
             actions = self.peers[target].handle(event)
         self.apply(target, actions)
 
     def _disconnect(self, party: str, action: Disconnect) -> None:
+        if party in self.stalled:
+            return  # a stalled peer closes nothing either
         self.rejections.append(f"{party} cut off {action.name}: {action.reason.value}: "
                                f"{action.detail}")
         log.info("%s cut off %s: %s (%s)", party, action.name, action.reason.value,
@@ -263,6 +304,27 @@ class Network:
         for other in sorted(self._connected_to(name)):
             if other not in self.dead:
                 self._push(LATENCY, other, PeerGone(name))
+
+    def stall(self, name: str) -> None:
+        """Peer ``name`` stalls now: it stays connected and reads, but sends nothing.
+
+        The drivers ping every ``keepalive_seconds(phase_timeout)`` and wait as long for
+        the answer, so the stall is noticed at most about twice that later: then the
+        peer is cut off, and everyone connected to it sees it go, as for a death.
+        """
+        if name in self.stalled or name in self.dead:
+            return
+        self.stalled[name] = self.now
+        self._push(self.stall_detection, name, _StallDetected())
+
+    def _stall_detected(self, name: str) -> None:
+        if name in self.dead:
+            return
+        self.stall_detected[name] = self.now
+        # The server closed the stalled peer's connection: should the peer ever run
+        # again, that is the first thing it reads, so it cannot finish as if it took part.
+        self._handle(name, PeerGone(SERVER))
+        self.kill(name)
 
     def _connected_to(self, name: str) -> set[str]:
         """Peers that would hold a connection to ``name``: neighbours and tree relatives."""
@@ -324,6 +386,11 @@ class _Frame:
 
 
 @dataclass(frozen=True)
+class _StallDetected:
+    """The keepalive of the drivers gave up on a stalled peer."""
+
+
+@dataclass(frozen=True)
 class _GenerationTimer(TimerExpired):
     generation: int = 0
 
@@ -352,6 +419,7 @@ def run_round(
     paillier_keys: PaillierKeyPair | None = None,
     paillier_key_bits: int = DEFAULT_KEY_BITS,
     dp: DPConfig | None = None,
+    stalls: Mapping[int, str] | None = None,
 ) -> SimResult:
     """Run one full round in memory and return what the server computed.
 
@@ -361,6 +429,20 @@ def run_round(
     nothing), ``"consistency_check"`` (like ``"unmasking"`` without R3) or
     ``"unmasking"``. With ``weights``, the aggregate is the weighted sum Σ w·x and
     ``mean`` the weighted mean (``total_weight`` is Σ w).
+
+    ``stalls`` maps a peer index to the phase it stalls in, with the same phases and
+    the same moments as ``dropouts`` (``"advertise_keys"``: from the start). A
+    stalled peer stays connected, receives and handles everything and sends nothing
+    (its late frames never leave it). ``2 * keepalive_seconds(phase_timeout)`` of
+    virtual time after the stall began (the drivers' keepalive: a ping, then as long
+    for the pong) the server and the peers connected to it see it go, as for a
+    dropout, and the stalled peer sees the server go. The result's ``stalled`` lists
+    the stalls that began, ``peer_outcomes`` what each peer was told, and
+    ``stats["stalls"]`` when each stall began and was noticed. A peer may be
+    scripted to drop or to stall, not both.
+
+    ``stats["virtual_seconds"]`` is the virtual time at which the server's outcome
+    was fixed.
 
     ``mode`` is ``"masking"`` (the default), ``"paillier"`` or ``"hybrid"``; the
     latter two use ``paillier_keys`` as the server's key pair if given (generating
@@ -377,15 +459,12 @@ def run_round(
     if inputs.ndim != 2 or inputs.shape[0] < 2 or inputs.shape[1] < 1:
         raise ValueError(f"inputs must have shape (n >= 2, d >= 1), got {inputs.shape}")
     n, d = inputs.shape
-    dropouts = dict(dropouts or {})
-    for peer, phase in dropouts.items():
-        if not 0 <= peer < n:
-            raise ValueError(f"dropout for peer {peer}, but peers are 0..{n - 1}")
-        if phase not in PHASES:
-            raise ValueError(f"unknown dropout phase {phase!r}; phases are {PHASES}")
-    if threat_model == "honest-but-curious":
-        dropouts = {p: "unmasking" if ph == "consistency_check" else ph
-                    for p, ph in dropouts.items()}
+    dropouts = _checked_schedule("dropout", dropouts, n, threat_model)
+    stalls = _checked_schedule("stall", stalls, n, threat_model)
+    both = sorted(set(dropouts) & set(stalls))
+    if both:
+        raise ValueError(f"peers {both} are scripted both to drop and to stall; "
+                         "a peer does one or the other")
     weighted = weights is not None
     weight_values = np.ones(n)
     if weights is not None:
@@ -416,13 +495,18 @@ def run_round(
     if threat_model == "active":
         identities = {name: generate_signing_key(DeterministicRandom(seed, f"id/{name}"))
                       for name in names}
-    graph_factory: Callable[[str, int, int, bytes], NeighbourGraph] = _cached_graph
+    graph_factory: Callable[[str, int, int, bytes, str], NeighbourGraph] = _cached_graph
     peers = {name: PeerProtocol(name, random_bytes=DeterministicRandom(seed, name),
                                 identity=identities.get(name), graph_factory=graph_factory,
                                 mask_generator=generator)
              for name in names}
     dies_in = {names[i]: phase for i, phase in dropouts.items()}
+    stalls_in = {names[i]: phase for i, phase in stalls.items()}
     network = Network(server, peers, dies_in, encode_frames=encode_frames)
+    # Twice the keepalive interval: the last answered ping can be almost one interval
+    # old when the stall begins, and the unanswered one times out after another.
+    detection = 2 * keepalive_seconds(phase_timeout)
+    network.script_stalls(stalls_in, detection)
 
     started = time.perf_counter()
     network.apply(SERVER, server.start())
@@ -431,6 +515,8 @@ def run_round(
         if dies_in.get(name) == "advertise_keys":
             network.dead.add(name)
             continue
+        if stalls_in.get(name) == "advertise_keys":
+            network.stall(name)  # connected, but its registration never leaves it
         network.apply(name, peers[name].start(session, 0, inputs[i], float(weight_values[i])))
     network.run()
     wall = time.perf_counter() - started
@@ -440,17 +526,26 @@ def run_round(
         raise RuntimeError("the simulated round did not finish")
     index = {name: i for i, name in enumerate(names)}
     dropped = {index[name]: reason for name, reason in outcome.dropped.items()}
-    for i, phase in dropouts.items():
+    for i, phase in (*dropouts.items(), *stalls.items()):
         if phase == "advertise_keys":
             dropped[i] = DropReason.NOT_REGISTERED.value
+    stalled = {index[name]: stalls_in[name] for name in network.stalled}
     stats = dict(outcome.stats)
+    finished_at = network.finished_at if network.finished_at is not None else network.now
     stats.update(wall_seconds=wall, server_seconds=network.server_seconds,
-                 virtual_seconds=network.now, events=network.events,
+                 virtual_seconds=finished_at, events=network.events,
                  max_peer_bytes_sent=max((sent for name, sent in network.bytes_sent.items()
                                           if name != SERVER), default=0),
                  server_bytes_out=network.bytes_sent.get(SERVER, 0),
                  server_bytes_in=network.server_bytes_in,
                  rejections=list(network.rejections))
+    if stalls:
+        stats["stall_detection_seconds"] = detection
+        stats["stalls"] = [{"peer": index[name], "phase": stalls_in[name], "since": since,
+                            "detected": network.stall_detected.get(name)}
+                           for name, since in sorted(network.stalled.items())]
+    peer_outcomes = {i: told for i, name in enumerate(names)
+                     if (told := peers[name].outcome) is not None}
     return SimResult(
         status=outcome.status, aggregate=outcome.aggregate,
         contributors=sorted(index[name] for name in outcome.contributors),
@@ -458,4 +553,34 @@ def run_round(
         server_view=ServerView(messages=tuple(server.view), names=tuple(server.names),
                                shares=tuple(server.shares_received)),
         reason=outcome.reason, total_weight=outcome.total_weight, stats=stats,
-        outcome=outcome, clipped=outcome.clipped)
+        outcome=outcome, clipped=outcome.clipped, stalled=dict(sorted(stalled.items())),
+        peer_outcomes=peer_outcomes, tree_parents=_tree_parents(server, index))
+
+
+def _checked_schedule(what: str, schedule: Mapping[int, str] | None, n: int,
+                      threat_model: str) -> dict[int, str]:
+    """A dropout or stall schedule, checked; without R3 (honest-but-curious) a fault
+    scripted for "consistency_check" happens at the next request, the unmasking one."""
+    checked: dict[int, str] = {}
+    for peer, phase in (schedule or {}).items():
+        if isinstance(peer, bool) or not isinstance(peer, int | np.integer) or \
+                not 0 <= peer < n:
+            raise ValueError(f"{what} for peer {peer!r}, but peers are 0..{n - 1}")
+        if phase not in PHASES:
+            raise ValueError(f"unknown {what} phase {phase!r}; phases are {PHASES}")
+        if threat_model == "honest-but-curious" and phase == "consistency_check":
+            phase = "unmasking"
+        checked[int(peer)] = phase
+    return checked
+
+
+def _tree_parents(server: ServerProtocol, index: Mapping[str, int]) -> dict[int, int | None]:
+    tree = server.tree
+    if tree is None:
+        return {}
+    names = server.names
+    parents: dict[int, int | None] = {}
+    for u in tree.order:
+        parent = tree.parent(u)
+        parents[index[names[u]]] = index[names[parent]] if parent is not None else None
+    return parents
