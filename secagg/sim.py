@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey, generate_signing_key
 from secagg.dp import DPConfig
-from secagg.driver import dispatch, keepalive_seconds
+from secagg.driver import dispatch
 from secagg.graph import GraphKind, NeighbourGraph, make_graph
 from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
-from secagg.protocol.common import Mode
+from secagg.protocol.common import Mode, keepalive_seconds
 from secagg.protocol.errors import DropReason
 from secagg.protocol.events import (
     Action,

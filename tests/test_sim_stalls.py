@@ -15,9 +15,8 @@ the round aborts exactly when a set falls below t. On top of that:
 
 * U3 is exactly the peers that could still contribute (everyone but those), read
   not from the server's view but from the schedule, whenever at most one peer
-  faults in R2 or no R2 fault is a stall. Two R2 faults of which one is a stall
-  can lose live peers' sums: see the strict xfails at the end, which pin down the
-  protocol bugs behind that exception.
+  faults in R2 or no R2 fault is a stall. (Two R2 faults of which one is a stall
+  may legitimately lose a live peer's sum, e.g. a relay that stalls holding it.)
 * Every stall that began is noticed exactly 2 keepalive intervals later; the
   stalled peer is fenced: its outcome never says its input counted, and it is
   "aborted" whenever the stall was noticed before the round ended.
@@ -45,8 +44,7 @@ from test_sim import (
     u3_of,
 )
 
-from secagg.driver import keepalive_seconds
-from secagg.protocol.common import Mode
+from secagg.protocol.common import Mode, keepalive_seconds
 from secagg.sim import PHASES, SimResult, peer_name, run_round
 from secagg.wire import AdvertiseKeys, RootAggregate, ShareReport
 
@@ -143,7 +141,7 @@ def reaches_r2(s: Schedule) -> bool:
 
 def u3_is_predictable(s: Schedule) -> bool:
     """At most one peer faults in R2, or none of the R2 faults is a stall (dropouts are
-    seen at once). Otherwise a stall noticed late can lose live peers' sums (xfails)."""
+    seen at once). Otherwise a relay that stalls holding a live child's sum loses it."""
     r2 = s.r2_phases()
     in_r2 = [p for p, ph in s.effective({**s.dropouts, **s.stalls}).items() if ph in r2]
     stalled_in_r2 = [p for p, ph in s.effective(s.stalls).items() if ph in r2]
@@ -274,12 +272,13 @@ def test_a_stalled_tree_member_costs_only_its_own_input(role: str, phase: str) -
     assert result.stalled == {peer: phase}
     (record,) = result.stats["stalls"]
     assert record["detected"] - record["since"] == pytest.approx(DETECTION)
-    # The round waited for the stall to be noticed, and not much longer.
-    assert record["detected"] <= result.stats["virtual_seconds"] <= \
-        record["detected"] + LATENCY_SLACK
+    # The round waited at most for the stall to be noticed (a stalled leaf's parent
+    # may give up on it sooner, at its own forward deadline).
+    assert result.stats["virtual_seconds"] <= record["detected"] + LATENCY_SLACK
     outcome = result.peer_outcomes[peer]
-    assert (outcome.status, outcome.included) == ("aborted", False)
-    assert "lost the connection to the server" in outcome.reason
+    assert not outcome.included and outcome.status in ("aborted", "excluded"), outcome
+    if outcome.status == "aborted":
+        assert "lost the connection to the server" in outcome.reason
     for p in others:
         assert (result.peer_outcomes[p].status, result.peer_outcomes[p].included) == ("ok", True)
     (aggregate,) = [env for env in result.server_view.messages
@@ -395,14 +394,11 @@ def test_bad_stall_schedules_are_refused(dropouts: dict[int, str], stalls: dict[
 
 
 # --------------------------------------------------------------------------
-# Protocol bugs the stalls expose (not fixed here: the protocol is not this file's)
+# Regressions: stalls noticed late used to lose live peers' sums. The forward
+# deadlines now leave the root a stall-detection delay after the last relay's, and
+# a new root gets a root's deadline (server/collect.py forward_deadline).
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a new root gives up after phase_timeout / (tree depth + 2), a leaf's deadline "
-    "(CollectPhase.on_ancestors_unreachable sets NewRoot.forward_after so), while the "
-    "relays under it still wait, up to their own longer staggered deadlines, for a "
-    "stalled child: the new root releases (or aborts) without their subtrees"))
 def test_new_root_waits_for_relays_that_wait_for_a_stalled_child() -> None:
     n, t, seed = 12, 7, 3
     inputs = _inputs(n, seed)
@@ -420,12 +416,6 @@ def test_new_root_waits_for_relays_that_wait_for_a_stalled_child() -> None:
     assert result.contributors == [p for p in range(n) if p not in (root, leaf)]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a relay that stalls late (it waited for a stalled child, then stalled as it "
-    "forwarded) is noticed a keepalive detection after that; only then do its other "
-    "children re-send their sums, and by then its ancestors' staggered deadlines have "
-    "passed and the root has released the aggregate, so ForwardedPhase."
-    "on_late_partial_sum at the root drops the live children's sums"))
 def test_a_relay_stalling_after_a_stalled_child_keeps_its_other_childrens_sums() -> None:
     n, t, seed = 12, 7, 3
     inputs = _inputs(n, seed)
@@ -442,11 +432,6 @@ def test_a_relay_stalling_after_a_stalled_child_keeps_its_other_childrens_sums()
     assert result.contributors == [p for p in range(n) if p not in (relay, stalled_child)]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "with phase_timeout 5 s keepalive_seconds is clamped up to 2 s, so a stall is "
-    "noticed after 4 s, when the root's own forward deadline (depth + 1)/(depth + 2) "
-    "of the phase has passed: a stalled relay's children re-route their sums to a "
-    "root that has already released (or aborted) without them"))
 def test_a_stalled_relay_costs_only_itself_with_a_short_phase_timeout() -> None:
     phase_timeout = 5.0
     assert 2 * keepalive_seconds(phase_timeout) > phase_timeout * 3 / 4

@@ -106,3 +106,23 @@ def check_envelope(env: Envelope, session: bytes, round: int) -> None:
         raise ProtocolError(f"{env.type} from {env.sender!r} is for round {env.round}, "
                             f"this is round {round} (replayed or late)")
 
+
+def keepalive_seconds(phase_timeout: float) -> float:
+    """Ping interval (and pong timeout) of every connection in a round with this phase
+    deadline.
+
+    A stalled party (a stopped process, a frozen laptop) keeps its connections
+    open; only an unanswered ping shows it. Pinging every tenth of the deadline
+    and waiting as long for the pong notices a stall within a fifth of a phase,
+    so the live parties treat it as gone (re-route around it, name a new root)
+    well before their own deadlines. The floor of 2 s keeps an event loop that is
+    busy with cryptography for a moment from being mistaken for a stall.
+    """
+    return min(20.0, max(2.0, phase_timeout / 10))
+
+
+def stall_detection_seconds(phase_timeout: float) -> float:
+    """The longest a stalled party goes unnoticed: one ping interval until the next ping,
+    one pong timeout until its connections are closed. The tree's forward deadlines
+    leave the root this much time after the last relay's (see server/collect.py)."""
+    return 2 * keepalive_seconds(phase_timeout)

@@ -17,6 +17,7 @@ import numpy as np
 
 from secagg.errors import CryptoError, EncodingError
 from secagg.graph import AccumulationTree, NeighbourGraph, build_tree
+from secagg.protocol.common import stall_detection_seconds
 from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.events import Action, SetTimer
 from secagg.protocol.server.base import PHASE_TIMER, ServerPhase, ServerState, Step, accepts, on
@@ -62,15 +63,12 @@ def begin_collect(ctx: ServerContext, graph: NeighbourGraph, holders: Holders) -
     ctx.stats["tree_depth"] = tree.max_depth
     ctx.stats["root"] = ctx.names[ctx.root]
     actions: list[Action] = [SetTimer(PHASE_TIMER, config.phase_timeout)]
-    depth_slots = tree.max_depth + 2
     for u in alive:
         descendants = tree.subtree(u)[1:]
         ancestors = tree.ancestors(u)
         parents = [tree.parent(d) for d in descendants]
         survivors = [v for v in ctx.mode.neighbourhood(graph.neighbours(u), u) if v in ctx.u2]
-        # Deeper relays give up waiting earlier, so that a relay's deadline falls
-        # before its parent's and the root's before the server's.
-        forward_after = config.phase_timeout * (tree.max_depth - tree.depth(u) + 1) / depth_slots
+        forward_after = forward_deadline(config.phase_timeout, tree.max_depth, tree.depth(u))
         actions.append(ctx.send(u, MaskingStart(
             survivors=survivors, total_survivors=len(ctx.u2), tree_seed=tree_seed,
             ancestors=list(ancestors), descendants=list(descendants),
@@ -84,6 +82,24 @@ def begin_collect(ctx: ServerContext, graph: NeighbourGraph, holders: Holders) -
                 status="excluded", contributor_count=0, included=False, contributors=[],
                 reason=f"not in U2: {ctx.drop_details.get(ctx.names[u], '')}"[:512])))
     return actions, CollectPhase(ctx, graph, holders, tree)
+
+
+def forward_deadline(phase_timeout: float, max_depth: int, depth: int) -> float:
+    """Seconds after MaskingStart at which a peer at ``depth`` sends its subtree's sum up
+    without the sums still missing (the root: to the server).
+
+    Deeper relays give up earlier, so that a relay's deadline falls before its parent's.
+    The root's comes a stall-detection delay after the last relay's: a relay that stalls
+    (stays connected, sends nothing) just before its own deadline is noticed by its
+    children within that delay, and their re-sent sums still reach the root. Every
+    deadline falls before the server's own (``phase_timeout``).
+    """
+    detect = min(stall_detection_seconds(phase_timeout), phase_timeout / 2)
+    relays = phase_timeout - detect
+    slots = max_depth + 2
+    if depth == 0:
+        return relays * (max_depth + 1) / slots + detect
+    return relays * (max_depth - depth + 1) / slots
 
 
 def _build_tree(ctx: ServerContext, alive: list[int], seed: bytes) -> AccumulationTree:
@@ -210,9 +226,13 @@ class CollectPhase(ServerPhase):
         expected = [v for v in sorted(ctx.u2) if v != u and ctx.live(v)]
         log.info("root %s gone; %s is the new root", ctx.names[current], ctx.names[u])
         ctx.stats["new_root"] = ctx.names[u]
-        actions: list[Action] = [ctx.send(u, NewRoot(
+        # The new root gets a root's patience, not a leaf's: relays below it may still be
+        # waiting out a stalled child. The phase deadline restarts with it (at most once
+        # per root that goes, so bounded by the roster).
+        timeout = ctx.config.phase_timeout
+        actions: list[Action] = [SetTimer(PHASE_TIMER, timeout), ctx.send(u, NewRoot(
             root=ctx.entries[u], expected=expected, contacts=[ctx.entries[c] for c in expected],
-            forward_after=ctx.config.phase_timeout / (self.tree.max_depth + 2)))]
+            forward_after=forward_deadline(timeout, self.tree.max_depth, 0)))]
         # Reporters that were told to keep trying the old root now follow the new one.
         for other in sorted(self.waiting_reporters):
             if ctx.live(other):
