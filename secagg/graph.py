@@ -110,6 +110,7 @@ __all__ = [
     "default_threshold",
     "make_graph",
     "seeded_order",
+    "session_graph_seed",
     "sparse_graph",
     "sparse_parameters",
     "tolerated_colluders",
@@ -118,6 +119,7 @@ __all__ = [
 GraphKind = Literal["complete", "sparse"]
 
 GRAPH_LABEL = b"secagg/graph/harary/v1"
+SESSION_SEED_LABEL = b"secagg/graph/session-seed/v1"
 TREE_LABEL = b"secagg/graph/tree/v1"
 
 SECURITY_BITS = 40
@@ -481,6 +483,28 @@ def sparse_graph(
     if params is None:
         return complete_graph(n, threshold)
     return NeighbourGraph("sparse", n, params.degree, params.share_threshold, seed)
+
+
+def session_graph_seed(session: bytes) -> bytes:
+    """The neighbour graph's seed for every round of ``session``: a hash of the session id.
+
+    Why one graph per session. Every link a peer opens serves the rest of the session,
+    so a round whose roster is the previous round's reuses all of them (the sparse
+    graph used to be redrawn per round, which rebuilt a session's links every round:
+    3-4 s of 150 peers' sharing phase, round after round). A fixed graph is acceptable:
+    the SecAgg+ analysis (Bell et al., CCS 2020, sec. 3-4) needs the graph drawn
+    independently of which peers are corrupt, not fresh per execution; its secrecy
+    comes from the round's keys, which stay fresh every round (new X25519 pairs, new
+    b_u, masks bound to session and round), and the server, who knows any round's
+    graph anyway, learns nothing from seeing the same one again. It also takes a choice
+    away from a malicious server: derived from the session id, the seed cannot be
+    redrawn round after round until the graph suits it; each peer checks it.
+    A round with another roster (peers gone or new) is another graph on the same seed:
+    the ring is a function of roster indices, and each peer can check its neighbourhood
+    from (seed, n, its index) alone, without the O(n) list of every name a name-keyed
+    ring would need.
+    """
+    return hashlib.sha256(SESSION_SEED_LABEL + session).digest()
 
 
 def make_graph(kind: GraphKind, n: int, threshold: int, seed: bytes,

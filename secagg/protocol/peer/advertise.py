@@ -17,6 +17,7 @@ from secagg.crypto.keys import generate_keypair
 from secagg.crypto.signing import sign
 from secagg.dp import DPConfig
 from secagg.errors import CryptoError, EncodingError, ProtocolError
+from secagg.graph import session_graph_seed
 from secagg.protocol.common import (
     Encoder,
     check_round_shape,
@@ -119,6 +120,10 @@ def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
         # signatures that a peer holding identity keys relies on.
         raise RoundDeclined(f"the round runs under the {roster.threat_model} threat model, "
                             f"this peer takes part only under {required_threat}")
+    if roster.graph_seed != session_graph_seed(input.session):
+        # One graph per session: a server may not redraw it until it suits it.
+        raise RemoteProtocolError("roster graph seed is not the session's",
+                                  DropReason.BAD_MESSAGE)
     try:
         graph = settings.graph_factory(roster.graph_kind, roster.size, roster.threshold,
                                        roster.graph_seed, roster.threat_model)

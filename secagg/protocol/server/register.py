@@ -12,7 +12,7 @@ import logging
 
 from secagg.crypto.signing import verify
 from secagg.errors import CryptoError
-from secagg.graph import make_graph
+from secagg.graph import make_graph, session_graph_seed
 from secagg.protocol.common import signed_keys_message
 from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.events import Action, Bind, SetTimer, is_connection_token
@@ -198,7 +198,7 @@ class RegisterPhase(ServerPhase):
                                  self_mask_commitment=keys.self_mask_commitment)
                        for u, (name, keys) in
                        enumerate((name, self.registered[name]) for name in ctx.names)]
-        graph_seed = ctx.random_bytes(32)
+        graph_seed = session_graph_seed(config.session)
         graph = make_graph(config.graph, n, config.threshold, graph_seed, config.threat_model)
         ctx.graph = graph
         ctx.size_for_roster()
