@@ -28,8 +28,8 @@ from test_processes import (
     run_cli,
 )
 
-from peers.cli import load_trusted_identities
 from peers.cli import main as peer_main
+from peers.identity import load_trusted_identities
 from secagg.cli_support import ExitStatus
 from secagg.crypto.signing import load_signing_key_pem, sign, verify
 

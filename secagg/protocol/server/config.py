@@ -6,12 +6,21 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from secagg.dp import DPConfig
-from secagg.graph import GraphKind, check_threshold
+from secagg.graph import GraphKind, check_threshold, corrupt_rate_for, sparse_parameters
 from secagg.paillier import DEFAULT_KEY_BITS, KEY_BITS, SlotLayout
 from secagg.protocol.common import GRAPH_KINDS, THREAT_MODELS, ThreatModel
 from secagg.protocol.encoder import Encoder
 from secagg.protocol.modes import Mode, check_mode, round_mode, slot_layout
 from secagg.wire import SESSION_BYTES
+
+BASE_PHASE_TIMEOUT = 30.0
+"""Seconds per phase for the network and small rounds (see derived_phase_timeout)."""
+PAIR_SECONDS = 1.5e-3
+"""Per neighbour pair: key agreement, sealing both ways, a link (3x measured, 2 cores)."""
+MASK_SECONDS = 4e-9
+"""Per neighbour pair and coordinate: one mask coordinate expanded and added."""
+CIPHERTEXT_SECONDS = 0.02
+"""Per peer and ciphertext: one Paillier encryption (2048-bit, with margin)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,33 @@ class ServerConfig:
         """Ring coordinates on the wire: the (padded) vector, plus the weight when
         weighted, plus the clipped counter (see secagg.protocol.encoder)."""
         return self.encoder().wire_dim
+
+    def derived_phase_timeout(self) -> float:
+        """A phase deadline that fits this round's size: what the drivers use when no
+        deadline is given (``Coordinator(phase_timeout=None)``, ``secagg-server`` without
+        ``--phase-timeout``).
+
+        ``BASE_PHASE_TIMEOUT`` for the network and small rounds, plus the work that grows
+        with the round when every peer shares one machine (the worst case, and how the
+        scale benchmark runs): per neighbour pair, a key agreement, two sealings and a
+        link (``PAIR_SECONDS``, three times what 1,000 sparse peers on 2 cores took);
+        per pair and coordinate, a mask coordinate expanded (``MASK_SECONDS``); in the
+        modes that encrypt, per peer and ciphertext, one Paillier encryption
+        (``CIPHERTEXT_SECONDS``). 12 peers: 30 s; 1,000 sparse peers at d = 10,000: about
+        115 s. Only a dead or stalled party makes anyone wait that long: the others
+        move on as soon as everyone expected has answered.
+        """
+        n = self.max_peers
+        params = sparse_parameters(n, self.threshold,
+                                   corrupt_rate=corrupt_rate_for(self.threat_model)) \
+            if self.graph == "sparse" else None
+        neighbourhood = params.degree + 1 if params is not None else n
+        pairs = n * neighbourhood if round_mode(self.mode).masks else n
+        seconds = BASE_PHASE_TIMEOUT + pairs * PAIR_SECONDS + pairs * self.dim * MASK_SECONDS
+        layout = self.slot_layout()
+        if layout is not None:
+            seconds += n * layout.ciphertext_count(self.wire_dim) * CIPHERTEXT_SECONDS
+        return round(seconds, 1)
 
     def slot_layout(self, peers: int | None = None) -> SlotLayout | None:
         """How ciphertexts pack the ring elements for ``peers`` summands (``max_peers``
