@@ -516,6 +516,9 @@ class RoundOpen(Message):
     dp_noise_multiplier: Positive = 0.0
     """The distributed-DP noise multiplier of the round (0: no DP), so a peer with a
     noise floor can decline before registering."""
+    threat_model: Annotated[str, Text(32)] = ""
+    """The round's threat model ("": not announced), so a peer that insists on one can
+    decline before registering (the roster says it again, and binds)."""
 
 
 @message

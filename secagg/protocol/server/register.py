@@ -45,7 +45,8 @@ def round_open(ctx: ServerContext) -> Envelope:
         paillier_key_bits=config.paillier_key_bits if ctx.mode.encrypts else 0,
         phase_timeout=config.phase_timeout,
         clip=config.dp.clip if config.dp is not None else config.clip,
-        dp_noise_multiplier=config.dp.noise_multiplier if config.dp is not None else 0.0))
+        dp_noise_multiplier=config.dp.noise_multiplier if config.dp is not None else 0.0,
+        threat_model=config.threat_model))
 
 
 def dp_settings(ctx: ServerContext) -> DPSettings:
