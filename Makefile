@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # an unpinned torch requirement could pull a multi-gigabyte GPU build.
 $(VENV)/.installed-torch: pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,fast,torch,scenarios,dp]'
+	$(PIP) install -e '.[dev,fast,torch,scenarios,dp,flower]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -19,6 +19,7 @@ import numpy as np
 from secagg import wire
 from secagg.crypto.signing import SigningKey, generate_signing_key
 from secagg.driver import dispatch
+from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
 from secagg.protocol import (
     Action,
     Bind,
@@ -38,7 +39,6 @@ from secagg.protocol import (
     TimerExpired,
 )
 from secagg.protocol.common import Encoder
-from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
 from secagg.sim import DeterministicRandom, peer_name
 from secagg.wire import SERVER, Envelope
 

@@ -1,0 +1,1 @@
+"""A Flower app that trains with secure aggregation (secagg's SecAggWorkflow)."""
