@@ -45,7 +45,7 @@ from flwr.common import (  # noqa: E402
 )
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-import peers.flower as peer_flower  # noqa: E402
+import peers.flower.mod as peer_flower  # noqa: E402
 from peers.flower import STATE_RECORD, secagg_mod  # noqa: E402
 from secagg import wire  # noqa: E402
 from server.flower import (  # noqa: E402

@@ -1,16 +1,11 @@
-"""Flower client side: ``secagg_mod``, a drop-in for Flower's ``secaggplus_mod``.
+"""The client mod: :class:`SecAggMod`, and :data:`secagg_mod` with default settings.
 
-::
-
-    app = ClientApp(client_fn=client_fn, mods=[secagg_mod])
-
-with :class:`server.flower.SecAggWorkflow` on the server. The mod is a third driver
-of :class:`~secagg.protocol.PeerProtocol`: every train message of a round carries
-the frames addressed to this node (from the server, and from other peers, relayed
-sealed by the Flower server), the reply carries the frames this node sends. The
-first message carries the round's notice and the instructions for the user's
-``fit``, which runs once; its parameters are flattened into one vector and its
-``num_examples`` (or, with the Message API, the chosen metric) is the weight.
+The mod is a third driver of :class:`~secagg.protocol.PeerProtocol`: every train
+message of a round carries the frames addressed to this node (from the server, and
+from other peers, relayed sealed by the Flower server), the reply carries the frames
+this node sends. The first message carries the round's notice and the instructions
+for the user's ``fit``, which runs once; its parameters are flattened into one vector
+and its ``num_examples`` (or, with the Message API, the chosen metric) is the weight.
 
 Flower may run each message of a node in a fresh process and keeps a node's state
 only as records in ``context.state``: the peer lives there as a snapshot
@@ -21,13 +16,7 @@ so the snapshot is replayed only when the message lands elsewhere.
 Timers: the server is the only clock. The reply reports the timers this peer set;
 the workflow fires them (in deadline order) when nothing else can move the round.
 
-The message format is shared with ``server/flower.py`` (the two packages never
-import each other): the ``RECORD`` config record with ``stage`` "start" (``notice``,
-``name``, ``max_weight``, ``weight_key``) or "step" (``session``, ``round``,
-``events``: msgpack list of ``[0, from_server, frame]``, ``[1, timer]``,
-``[2, gone peer]``); the reply's ``RECORD`` has ``sends`` (msgpack list of
-``[recipient, frame]``), ``timers`` (``[name, delay or None]``), ``state`` and
-``status``.
+The message format is in :mod:`peers.flower.messages`.
 """
 
 from __future__ import annotations
@@ -50,6 +39,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("peers.flower needs Flower: pip install 'secagg[flower]'") from exc
 
+from peers.flower.messages import RECORD, START, STEP, read_events, read_start, reply_record
 from secagg import wire
 from secagg.crypto.signing import SigningKey
 from secagg.driver import dispatch
@@ -61,27 +51,18 @@ from secagg.protocol.events import (
     Bind,
     CancelTimer,
     Disconnect,
-    Event,
-    FrameReceived,
     PeerGone,
     RoundFinished,
     Send,
     SetTimer,
-    TimerExpired,
 )
 from secagg.protocol.peer.snapshot import RecordedPeer, SnapshotError
-from secagg.wire import SERVER, Envelope, Limits, RoundOpen, Withdraw
+from secagg.wire import SERVER, Envelope, RoundOpen, Withdraw
 
 log = logging.getLogger("secagg.flower.peer")
 
-RECORD = "secagg"
-"""The config record of every message of a round, both ways."""
 STATE_RECORD = "secagg.peer"
 """The config record in ``context.state`` that holds this node's peer between messages."""
-START, STEP = "start", "step"
-EVENT_FRAME, EVENT_TIMER, EVENT_GONE = 0, 1, 2
-MAX_EVENTS = 1 << 16
-"""Events one server message may carry (a round needs a few per roster peer)."""
 LIVE_PEERS = 128
 """Peers this process keeps alive between messages (LRU); others replay their snapshot."""
 
@@ -191,7 +172,7 @@ class SecAggMod:
         key = (context.run_id, context.node_id)
         self._forget(context, key)  # a round that never told us its end is over now
         try:
-            name, notice, round_open, max_weight, weight_key = _read_start(record)
+            name, notice, round_open, max_weight, weight_key = read_start(record)
         except (WireError, ValueError, TypeError) as exc:
             log.warning("node %d: round notice rejected (%s): %s", context.node_id,
                         DropReason.MALFORMED_MESSAGE.value, exc)
@@ -208,7 +189,7 @@ class SecAggMod:
             log.error("%s: withdraws from round %d: %s", name, notice.round, problem)
             withdraw = Envelope(session=notice.session, round=notice.round, sender=name,
                                 body=Withdraw(reason=problem[:500]))
-            content.config_records[RECORD] = _reply_record(
+            content.config_records[RECORD] = reply_record(
                 [[SERVER, wire.encode(withdraw)]], [], "withdrawn", "withdrawn")
             return Message(content, reply_to=msg)
         peer = RecordedPeer(name, identity=self.identity,
@@ -227,7 +208,7 @@ class SecAggMod:
         if not isinstance(snapshot, bytes):
             log.info("node %d: a step of a round this node is not in; ignored",
                      context.node_id)
-            return Message(RecordDict({RECORD: _reply_record([], [], "idle", "")}),
+            return Message(RecordDict({RECORD: reply_record([], [], "idle", "")}),
                            reply_to=msg)
         peer = _LIVE.take(key, snapshot)
         if peer is None:
@@ -237,17 +218,17 @@ class SecAggMod:
             except SnapshotError as exc:
                 log.error("node %d: cannot restore its round: %s", context.node_id, exc)
                 self._forget(context, key)
-                return Message(RecordDict({RECORD: _reply_record([], [], "finished",
-                                                                 "aborted")}), reply_to=msg)
+                return Message(RecordDict({RECORD: reply_record([], [], "finished",
+                                                                "aborted")}), reply_to=msg)
         protocol = peer.protocol
         if record.get("session") != protocol.session or record.get("round") != protocol.round:
             # Stale (or for a round this node is not in): the current round is untouched.
             log.info("%s: a step of another round ignored", protocol.name)
             _LIVE.put(key, snapshot, peer)
-            return Message(RecordDict({RECORD: _reply_record([], [], str(protocol.state),
-                                                             "")}), reply_to=msg)
+            return Message(RecordDict({RECORD: reply_record([], [], str(protocol.state),
+                                                            "")}), reply_to=msg)
         try:
-            events = _read_events(record.get("events"))
+            events = read_events(record.get("events"))
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             # The server's fault: the round ends for this peer, as on a bad server frame.
             log.warning("%s: step from the server rejected (%s): %s", protocol.name,
@@ -279,7 +260,7 @@ class SecAggMod:
             snapshot = peer.snapshot()
             context.state.config_records[STATE_RECORD] = ConfigRecord({"snapshot": snapshot})
             _LIVE.put(key, snapshot, peer)
-        return _reply_record(collected.sends, collected.timers, str(protocol.state), status)
+        return reply_record(collected.sends, collected.timers, str(protocol.state), status)
 
     def _forget(self, context: Context, key: tuple[int, int]) -> None:
         _LIVE.drop(key)
@@ -289,34 +270,12 @@ class SecAggMod:
     def _abandon(self, msg: Message, context: Context) -> Message:
         """End whatever round this node was in (the server sent something unusable)."""
         self._forget(context, (context.run_id, context.node_id))
-        return Message(RecordDict({RECORD: _reply_record([], [], "finished", "aborted")}),
+        return Message(RecordDict({RECORD: reply_record([], [], "finished", "aborted")}),
                        reply_to=msg)
 
 
 secagg_mod: Mod = SecAggMod()
 """The client mod with default settings: ``ClientApp(client_fn=..., mods=[secagg_mod])``."""
-
-
-def _reply_record(sends: list[list[Any]], timers: list[list[Any]], state: str,
-                  status: str) -> ConfigRecord:
-    return ConfigRecord({"sends": msgpack.packb(sends, use_bin_type=True),
-                         "timers": msgpack.packb(timers, use_bin_type=True),
-                         "state": state, "status": status})
-
-
-def _read_start(record: ConfigRecord) -> tuple[str, Envelope, RoundOpen, float, str]:
-    name, frame = record.get("name"), record.get("notice")
-    max_weight, weight_key = record.get("max_weight"), record.get("weight_key")
-    if not isinstance(name, str) or not isinstance(frame, bytes):
-        raise ValueError("the start record needs a name and a notice")
-    wire.validate_names([name])
-    if not isinstance(max_weight, float) or not isinstance(weight_key, str):
-        raise ValueError("the start record needs max_weight and weight_key")
-    notice = wire.decode(frame, Limits(max_frame_bytes=64 << 10))
-    if notice.sender != SERVER or not isinstance(notice.body, RoundOpen):
-        raise ValueError(f"the notice is a {notice.type} from {notice.sender!r}, not the "
-                         "server's round_open")
-    return name, notice, notice.body, max_weight, weight_key
 
 
 def _flatten(content: RecordDict, weight_key: str, notice: RoundOpen,
@@ -354,27 +313,3 @@ def _weight(content: RecordDict, weight_key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
-
-
-def _read_events(data: Any) -> list[Event]:
-    if not isinstance(data, bytes):
-        raise TypeError("the step carries no events")
-    items = msgpack.unpackb(data, raw=False, max_array_len=MAX_EVENTS, max_map_len=0)
-    if not isinstance(items, list):
-        raise ValueError("events are not a list")
-    events: list[Event] = []
-    for item in items:
-        if not isinstance(item, list) or len(item) < 2:
-            raise ValueError("an event is not a tagged list")
-        kind = item[0]
-        if kind == EVENT_FRAME and len(item) == 3 and isinstance(item[1], bool) \
-                and isinstance(item[2], bytes):
-            # A frame the server forwarded for a peer has no origin: its AEAD speaks.
-            events.append(FrameReceived(SERVER if item[1] else "", item[2]))
-        elif kind == EVENT_TIMER and len(item) == 2 and isinstance(item[1], str):
-            events.append(TimerExpired(item[1]))
-        elif kind == EVENT_GONE and len(item) == 2 and isinstance(item[1], str):
-            events.append(PeerGone(item[1]))
-        else:
-            raise ValueError(f"malformed event of kind {str(kind)[:20]!r}")
-    return events
