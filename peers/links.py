@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 
-from secagg.driver import Outbox, OutboxFull
+from secagg.driver import Outbox, OutboxFull, close_within
 from secagg.wire import Envelope
 
 log = logging.getLogger("secagg.peer")
@@ -31,6 +31,8 @@ LINK_WAIT = 5.0
 PEER_CONNECT_ATTEMPTS = 2
 MAX_LINK_FRAMES = 1024
 """Frames queued on one link before it counts as stuck (the other side not reading)."""
+CLOSE_SECONDS = 5.0
+"""How long closing a link may take before it is aborted (a stalled peer never answers)."""
 
 
 @dataclass(eq=False)
@@ -76,6 +78,16 @@ class Links:
         self.own_address = ""
         self.patience = LINK_WAIT
         self.send_timeout: float | None = None
+        self.stall_timeout: float | None = None
+        """A send to a peer that takes no data for this long counts as stuck (see
+        :class:`~secagg.driver.Outbox`): the peer stalled, and its link is aborted."""
+
+    def set_timeouts(self, *, send: float, stall: float) -> None:
+        """The send and stall timeouts of a round (see :class:`~secagg.driver.Outbox`),
+        for the links to come and the links there are."""
+        self.send_timeout, self.stall_timeout = send, stall
+        for link in self.by_name.values():
+            link.outbox.send_timeout, link.outbox.stall_timeout = send, stall
 
     def _new_link(self, name: str) -> Link:
         link: Link
@@ -91,10 +103,16 @@ class Links:
             if link.connection is not None:
                 link.connection.transport.abort()
 
+        def backlog() -> int:
+            connection = link.connection
+            return connection.transport.get_write_buffer_size() if connection else 0
+
         link = Link(name=name, outbox=Outbox(send, max_frames=MAX_LINK_FRAMES,
                                              send_timeout=self.send_timeout,
-                                             on_sent=self._on_sent, on_failed=failed,
-                                             on_stuck=stuck))
+                                             stall_timeout=self.stall_timeout,
+                                             backlog=backlog, on_sent=self._on_sent,
+                                             on_failed=failed, on_stuck=stuck,
+                                             label=f"{self._own_name}: link to {name}"))
         self.by_name[name] = link
         return link
 
@@ -191,7 +209,7 @@ class Links:
         connection = await self._dial(address, PEER_CONNECT_ATTEMPTS) if address else None
         if link.ready.is_set():  # an incoming connection won the race, or the peer left
             if connection is not None:
-                await connection.close()
+                await close_within(connection, CLOSE_SECONDS)
             return
         if connection is None:
             if self.by_name.get(link.name) is link:
@@ -212,11 +230,13 @@ class Links:
         for task in list(self.tasks):
             with contextlib.suppress(BaseException):
                 await task
-        for link in list(self.by_name.values()):
-            await link.outbox.drain(1)
+        links = list(self.by_name.values())
+        await asyncio.gather(*(link.outbox.drain(1) for link in links))
+        for link in links:
             link.outbox.cancel()
-            if link.connection is not None:
-                await link.connection.close()
+        # At once: each close may wait out its timeout on a stalled peer.
+        await asyncio.gather(*(close_within(link.connection, CLOSE_SECONDS)
+                               for link in links if link.connection is not None))
         self.by_name.clear()
 
     def crash(self) -> None:

@@ -30,7 +30,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from peers.links import LINK_WAIT, Connection, Links
 from secagg.crypto.keys import RandomBytes
 from secagg.crypto.signing import SigningKey
-from secagg.driver import ActionLoop, Outbox, OutboxFull, keepalive_seconds, set_keepalive
+from secagg.driver import (
+    ActionLoop,
+    Outbox,
+    OutboxFull,
+    close_within,
+    set_keepalive,
+    start_keepalive,
+)
 from secagg.errors import EncodingError, WireError
 from secagg.protocol import (
     DeliveryFailed,
@@ -39,7 +46,7 @@ from secagg.protocol import (
     PeerOutcome,
     PeerProtocol,
 )
-from secagg.protocol.common import MODES, Mode, ThreatModel, round_limits
+from secagg.protocol.common import MODES, Mode, ThreatModel, keepalive_seconds, round_limits
 from secagg.protocol.events import Action, Bind, Disconnect, FrameReceived, Send
 from secagg.protocol.modes import round_mode, slot_layout
 from secagg.wire import (
@@ -48,6 +55,8 @@ from secagg.wire import (
     Envelope,
     Forward,
     Limits,
+    MaskingStart,
+    NewRoot,
     PeerDropped,
     Rejected,
     RoundOpen,
@@ -74,13 +83,21 @@ MAX_EARLY_FRAMES = 256
 MAX_EARLY_BYTES = 64 << 20
 """Frames of a round this peer has not started yet, kept until it starts (bounded)."""
 MAX_SERVER_OUTBOX = 1024
-IDLE_KEEPALIVE = 2.0  # the floor of secagg.driver.keepalive_seconds
+IDLE_KEEPALIVE = 2.0  # the floor of secagg.protocol.common.keepalive_seconds
 IDLE_SEND_TIMEOUT = 30.0
 ROUND_NOTICE_WAIT = 600.0
 """How long ``contribute`` waits for the coordinator to open a round, by default."""
 ROUND_DEADLINES = 8
 """How many phase deadlines ``contribute`` waits for an open round to end, by default:
 five phases, deadlines staggered within R2, and slack for the coordinator's follow-ups."""
+SERVER_SILENCE_DEADLINES = 2.0
+"""In a round, how many phase deadlines this peer waits for the coordinator's next frame
+before it gives up on it (as on a lost connection). The coordinator ends each phase
+within one deadline and then tells every peer still in the round what comes next; two
+allow for a phase restarted once (a new root). A coordinator that is stopped is noticed
+sooner, by the keepalive; this catches one that answers pings and sends nothing."""
+CLOSE_SECONDS = 5.0
+"""How long closing one connection may take before it is aborted."""
 
 
 def clipped_by(vector: np.ndarray, notice: RoundOpen) -> str:
@@ -196,6 +213,8 @@ class Peer:
         self._bound: dict[str, str] = {}
         """Token of an incoming connection -> the peer the protocol bound it to."""
         self._next_token = 0
+        self._server_heard = 0.0
+        """Event-loop time of the last frame from the coordinator."""
         self._round_open: Envelope | None = None
         self._round_event = asyncio.Event()
         self._rejected: str | None = None
@@ -228,8 +247,7 @@ class Peer:
             host, port = self._listen
             self._listener = await serve(
                 self._serve_link, host, port, compression=None, max_size=self._max_frame,
-                ssl=self._listener_ssl, ping_interval=IDLE_KEEPALIVE,
-                ping_timeout=IDLE_KEEPALIVE)
+                ssl=self._listener_ssl, ping_interval=None)  # see _serve_link
             bound = next(iter(self._listener.sockets)).getsockname()
             scheme = "wss" if self._listener_ssl else "ws"
             self.address = f"{scheme}://{self._advertise_host or host}:{bound[1]}"
@@ -240,8 +258,11 @@ class Peer:
         server = self._server
         self._server_outbox = Outbox(server.send, max_frames=MAX_SERVER_OUTBOX,
                                      send_timeout=self._send_timeout,
+                                     stall_timeout=self._keepalive,
+                                     backlog=server.transport.get_write_buffer_size,
                                      on_sent=self._count_out,
-                                     on_stuck=server.transport.abort)
+                                     on_stuck=server.transport.abort,
+                                     label=f"{self.peer_id}: the coordinator")
         self._server_outbox.start()
         self._server_reader = asyncio.create_task(self._read_server(server))
 
@@ -272,14 +293,14 @@ class Peer:
         if self._server_outbox is not None:
             await self._server_outbox.drain(2)
         if self._server is not None:
-            await self._server.close()
+            await close_within(self._server, CLOSE_SECONDS)
         if self._server_reader is not None:
             self._server_reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._server_reader
         await self._links.close()
-        for incoming in list(self._incoming.values()):
-            await incoming.close()
+        await asyncio.gather(*(close_within(incoming, CLOSE_SECONDS)
+                               for incoming in list(self._incoming.values())))
         if self._listener is not None:
             self._listener.close()
             await self._listener.wait_closed()
@@ -309,11 +330,13 @@ class Peer:
             raise PeerError("a round is already in progress for this peer")
         vector = check_input(vector, weight)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as limit:
                 return await self._contribute(vector, weight, bounded=timeout is None,
                                               strict=strict)
         except TimeoutError:
             self._give_up()
+            if not limit.expired():
+                raise  # one of _contribute's own limits, with its own message
             raise TimeoutError(f"{self.peer_id}: no round ended within the {timeout} s "
                                "allowed (timeout=)") from None
 
@@ -362,6 +385,13 @@ class Peer:
             log.warning("%s: declines round %d: %s", self.peer_id, open_round.round, reason)
             self._withdraw(open_round, reason)
             return PeerOutcome(status="aborted", round=open_round.round, reason=reason)
+        if self.threat_model is not None and notice.threat_model and \
+                notice.threat_model != self.threat_model:
+            reason = (f"the round runs under the {notice.threat_model} threat model, this "
+                      f"peer takes part only under {self.threat_model}")
+            log.warning("%s: declines round %d: %s", self.peer_id, open_round.round, reason)
+            self._withdraw(open_round, reason)
+            return PeerOutcome(status="aborted", round=open_round.round, reason=reason)
         protocol = PeerProtocol(self.peer_id, address=self.address,
                                 random_bytes=self._random_bytes, identity=self._identity,
                                 trusted_identities=self._trusted, mode=self.mode,
@@ -379,6 +409,10 @@ class Peer:
         round_limit = None
         if bounded and notice.phase_timeout > 0:
             round_limit = ROUND_DEADLINES * notice.phase_timeout
+        watchdog = None
+        if notice.phase_timeout > 0:
+            watchdog = asyncio.ensure_future(self._watch_server(
+                open_round.round, SERVER_SILENCE_DEADLINES * notice.phase_timeout))
         try:
             async with asyncio.timeout(round_limit):
                 outcome = await asyncio.shield(finished)
@@ -386,8 +420,25 @@ class Peer:
             raise TimeoutError(f"{self.peer_id}: round {open_round.round} did not end within "
                                f"{ROUND_DEADLINES} phase deadlines ({round_limit:.0f} s)"
                                ) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         assert isinstance(outcome, PeerOutcome)
         return outcome
+
+    async def _watch_server(self, round_number: int, silence: float) -> None:
+        """Give up on a coordinator that sends nothing for ``silence`` seconds of a round:
+        abort the connection, which ends the round as a lost connection does."""
+        loop = asyncio.get_running_loop()
+        # Counted from this round's start at the earliest (the notice may be older).
+        self._server_heard = max(self._server_heard, loop.time())
+        while (quiet := loop.time() - self._server_heard) < silence:
+            await asyncio.sleep(silence - quiet)
+        log.warning("%s: round %d: the coordinator has sent nothing for %.0f s (%g phase "
+                    "deadlines); giving up on it", self.peer_id, round_number, silence,
+                    SERVER_SILENCE_DEADLINES)
+        if self._server is not None:
+            self._server.transport.abort()
 
     def _withdraw(self, open_round: Envelope, reason: str) -> None:
         """Tell the coordinator not to wait for us in this round."""
@@ -409,11 +460,13 @@ class Peer:
         delay = self._backoff
         for attempt in range(attempts):
             try:
-                return await connect(url, compression=None, max_size=self._max_frame,
-                                     ssl=self._client_ssl if url.startswith("wss") else None,
-                                     proxy=None, open_timeout=10,
-                                     ping_interval=self._keepalive,
-                                     ping_timeout=self._keepalive)
+                connection = await connect(
+                    url, compression=None, max_size=self._max_frame,
+                    ssl=self._client_ssl if url.startswith("wss") else None, proxy=None,
+                    open_timeout=10, ping_interval=None)  # our own keepalive, below
+                start_keepalive(connection, self._keepalive, f"{self.peer_id}: " + (
+                    "the coordinator" if url == self.server_url else f"the peer at {url}"))
+                return connection
             except InvalidURI as exc:
                 raise PeerError(f"invalid URL {url!r}: {exc}") from None
             except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -425,8 +478,10 @@ class Peer:
         return None
 
     async def _read_server(self, connection: ClientConnection) -> None:
+        loop = asyncio.get_running_loop()
         try:
             async for frame in connection:
+                self._server_heard = loop.time()
                 if isinstance(frame, bytes):
                     self.bytes_received += len(frame)
                     self._on_server_frame(frame)
@@ -475,9 +530,10 @@ class Peer:
             if body.phase_timeout > 0:
                 self._keepalive = keepalive_seconds(body.phase_timeout)
                 self._send_timeout = body.phase_timeout
-                self._links.send_timeout = body.phase_timeout
+                self._links.set_timeouts(send=body.phase_timeout, stall=self._keepalive)
                 if self._server_outbox is not None:
                     self._server_outbox.send_timeout = body.phase_timeout
+                    self._server_outbox.stall_timeout = self._keepalive
             for connection in [*self._peer_connections(), self._server]:
                 if connection is not None:
                     set_keepalive(connection, self._keepalive)
@@ -499,7 +555,22 @@ class Peer:
         if protocol is None or env.round != protocol.round:
             log.info("%s: ignoring %s for round %d", self.peer_id, env.type, env.round)
             return
+        self._log_tree_place(env)
         self._loop.feed(MessageReceived(env, origin=SERVER))
+
+    def _log_tree_place(self, env: Envelope) -> None:
+        """Say (with -v) where the coordinator put this peer in the accumulation tree:
+        an operator watching a round that stalls needs to know who relays for whom.
+        The server names every peer's relatives to them anyway; nothing here is secret."""
+        body = env.body
+        if isinstance(body, MaskingStart):
+            depth, below = len(body.ancestors), len(body.descendants)
+            role = "the root" if depth == 0 else "a relay" if below else "a leaf"
+            log.info("%s: round %d: in the accumulation tree as %s (depth %d, %d peers "
+                     "below)", self.peer_id, env.round, role, depth, below)
+        elif isinstance(body, NewRoot) and body.root.name == self.peer_id:
+            log.info("%s: round %d: named the new root of the accumulation tree",
+                     self.peer_id, env.round)
 
     async def _next_round(self) -> Envelope | None:
         while True:
@@ -530,7 +601,8 @@ class Peer:
         token = f"#{self._next_token}"
         self._incoming[token] = connection
         self._limit_frames(connection)
-        set_keepalive(connection, self._keepalive)
+        start_keepalive(connection, self._keepalive,
+                        f"{self.peer_id}: incoming peer connection {token}")
         try:
             async for frame in connection:
                 if isinstance(frame, str):
@@ -563,7 +635,7 @@ class Peer:
             pass
         finally:
             self._on_link_closed(connection)
-            await connection.close()
+            await close_within(connection, CLOSE_SECONDS)
 
     def _on_peer_frame(self, frame: bytes, origin: str) -> None:
         """Handle a frame from a peer (direct, or forwarded by the coordinator: origin "")."""
@@ -633,8 +705,8 @@ class Peer:
         connection = self._incoming.pop(action.name, None) or \
             self._links.close_link(action.name)
         if connection is not None:
-            closing = asyncio.ensure_future(connection.close(
-                code=1008, reason=(action.detail or "")[:120]))
+            closing = asyncio.ensure_future(close_within(
+                connection, CLOSE_SECONDS, code=1008, reason=(action.detail or "")[:120]))
             self._links.tasks.add(closing)
             closing.add_done_callback(self._links.tasks.discard)
 

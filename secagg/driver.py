@@ -15,6 +15,9 @@ the in-memory simulator and the tests' network, as websockets'
 - :class:`Outbox` is the bounded writer every connection uses: a queue drained
   by one task, so a slow reader never blocks the loop and never makes us
   buffer without limit.
+- :func:`start_keepalive` pings a connection and cuts it off when a pong is
+  late; with the outbox's check that sends make progress, it is how a stalled
+  party (connected, silent) is noticed, whatever is being sent to it.
 
 This module imports neither ``peers`` nor ``server``.
 """
@@ -28,6 +31,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+
+from websockets.exceptions import ConnectionClosed
 
 from secagg.protocol.events import (
     Action,
@@ -241,24 +246,65 @@ class _LoopTransport:
         self._loop._finish(action.outcome)
 
 
-def keepalive_seconds(phase_timeout: float) -> float:
-    """Ping interval (and pong timeout) for a round with this phase deadline.
-
-    A stalled party (a stopped process, a frozen laptop) keeps its connections
-    open; only an unanswered ping shows it. Pinging every tenth of the deadline
-    and waiting as long for the pong notices a stall within a fifth of a phase,
-    so the live parties treat it as gone (re-route around it, name a new root)
-    well before their own deadlines. The floor of 2 s keeps an event loop that is
-    busy with cryptography for a moment from being mistaken for a stall.
-    """
-    return min(20.0, max(2.0, phase_timeout / 10))
+_keepalives: set[asyncio.Task[None]] = set()
+"""Running keepalive tasks (held here so that they are not collected while running)."""
 
 
 def set_keepalive(connection: Any, seconds: float) -> None:
-    """Apply :func:`keepalive_seconds` to an open websockets connection; the
-    library's keepalive loop reads these attributes on every ping."""
+    """Ping ``connection`` every ``seconds`` and wait as long for each pong, from the next
+    ping on (:func:`~secagg.protocol.common.keepalive_seconds` of the round's phase
+    deadline). The keepalive of :func:`start_keepalive` reads these attributes of the
+    websockets connection before every ping; so does the library's own, for a
+    connection that runs it."""
     connection.ping_interval = seconds
     connection.ping_timeout = seconds
+
+
+def start_keepalive(connection: Any, seconds: float, label: str) -> None:
+    """Ping ``connection`` (a websockets connection opened with ``ping_interval=None``)
+    every ``seconds`` and abort it when a pong has not come ``seconds`` after its ping.
+
+    websockets' own keepalive does the same, but on a missed pong it starts a closing
+    handshake and waits ``close_timeout`` (10 s by default) for the silent party to
+    answer it before the connection counts as closed; a stalled party never answers.
+    Aborting at once makes the whole delay one ping interval plus one pong timeout,
+    ``2 * seconds``, what the protocol's deadlines allow for noticing a stall
+    (:func:`~secagg.protocol.common.stall_detection_seconds`). A ping queued behind a
+    send that makes no progress waits for it; the :class:`Outbox` aborts such a send.
+    ``label`` names the other party in the log.
+    """
+    set_keepalive(connection, seconds)
+    task = asyncio.get_running_loop().create_task(_keepalive(connection, label))
+    _keepalives.add(task)
+    task.add_done_callback(_keepalives.discard)
+
+
+async def _keepalive(connection: Any, label: str) -> None:
+    closed = asyncio.ensure_future(connection.wait_closed())
+    try:
+        while True:
+            # Returns as soon as the connection closes; its ping interval may change
+            # meanwhile (a round's notice sets it), and is read again each time.
+            done, _ = await asyncio.wait({closed}, timeout=connection.ping_interval)
+            if done:
+                return
+            timeout = connection.ping_timeout
+            pong = await connection.ping()
+            try:
+                async with asyncio.timeout(timeout):
+                    await pong
+            except TimeoutError:
+                if pong.done() and not pong.cancelled():
+                    # It came while this loop was too busy to see it: not a stall.
+                    continue
+                log.warning("%s answered no ping for %g s: closing the connection", label,
+                            timeout)
+                connection.transport.abort()
+                return
+    except ConnectionClosed:
+        return
+    finally:
+        closed.cancel()
 
 
 class OutboxFull(Exception):
@@ -273,22 +319,32 @@ class Outbox:
     when the connection fails (for delivery-failure events). A ``put`` beyond
     ``max_frames`` or ``max_bytes`` raises :class:`OutboxFull`: the driver then
     drops the connection instead of buffering for a reader that does not read.
-    A send that takes longer than ``send_timeout`` (a peer that stopped reading,
-    or a stalled process whose socket buffer is full) counts as a failure too, and
-    ``on_stuck()`` is called so the driver can abort the connection: a keepalive
-    ping cannot get through behind a blocked send, so only this notices.
+    A send that is stuck counts as a failure too, and ``on_stuck()`` is called so
+    that the driver can abort the connection: a keepalive ping queued behind a
+    blocked send waits for it, so only the outbox notices a party that stopped
+    reading (a stalled process whose socket buffers are full). A send is stuck when
+    ``backlog()`` (the bytes written but not yet taken by the operating system)
+    has not shrunk for ``stall_timeout`` seconds (checked every ``stall_timeout``
+    seconds, so noticed within twice that), or when it takes longer than
+    ``send_timeout`` in all. A slow reader that keeps reading is not stuck.
+    ``label`` names the connection in the log.
     """
 
     def __init__(self, send: Callable[[bytes], Awaitable[None]], *,
                  max_frames: int = 4096, max_bytes: int = 1 << 30,
                  send_timeout: float | None = None,
+                 stall_timeout: float | None = None,
+                 backlog: Callable[[], int] | None = None,
                  on_sent: Callable[[int], None] | None = None,
                  on_failed: Callable[[list[Any]], None] | None = None,
-                 on_stuck: Callable[[], None] | None = None) -> None:
+                 on_stuck: Callable[[], None] | None = None, label: str = "outbox") -> None:
         self._send = send
+        self.label = label
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.send_timeout = send_timeout
+        self.stall_timeout = stall_timeout
+        self._backlog = backlog
         self._on_sent = on_sent
         self._on_failed = on_failed
         self._on_stuck = on_stuck
@@ -349,12 +405,16 @@ class Outbox:
             while self._queue:
                 frame, tag = self._queue[0]
                 try:
-                    async with asyncio.timeout(self.send_timeout):
-                        await self._send(frame)
+                    await self._send_watched(frame)
                 except Exception as exc:
-                    log.debug("outbox: send failed (%s)", type(exc).__name__)
-                    if isinstance(exc, TimeoutError) and self._on_stuck is not None:
-                        self._on_stuck()
+                    if isinstance(exc, TimeoutError):
+                        log.warning("%s: the send is stuck (%s); giving up on the connection",
+                                    self.label, str(exc) or "a frame of "
+                                    f"{len(frame)} bytes took over {self.send_timeout:g} s")
+                        if self._on_stuck is not None:
+                            self._on_stuck()
+                    else:
+                        log.debug("%s: send failed (%s)", self.label, type(exc).__name__)
                     self.failed = True
                     failed = [tag] + [t for _, t in self.take_pending()[1:]]
                     if self._on_failed is not None:
@@ -368,3 +428,58 @@ class Outbox:
                 return
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _send_watched(self, frame: bytes) -> None:
+        """``send(frame)``; TimeoutError if it is stuck (see the class docstring).
+
+        The send runs in this task, so a frame is written as soon as the writer runs; a
+        timer checks the backlog meanwhile and ends the send when it stopped shrinking.
+        """
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.send_timeout):
+            stall_timeout = self.stall_timeout
+            if stall_timeout is None or self._backlog is None:
+                await self._send(frame)
+                return
+            backlog = self._backlog
+            check: asyncio.TimerHandle | None = None
+            left = 0
+            try:
+                async with asyncio.timeout(None) as stalled:
+                    def watch(last: int | None, due: float) -> None:
+                        nonlocal check, left
+                        left = backlog()
+                        # Judged only over an interval in which this loop ran: a check
+                        # that comes late had no chance to see the socket drain. Nothing
+                        # left to hand over (0) means the wait is not the socket's.
+                        on_time = loop.time() - due < stall_timeout / 2
+                        if last is not None and on_time and 0 < last <= left:
+                            stalled.reschedule(loop.time())  # ends the send now
+                            return
+                        check = loop.call_later(stall_timeout, watch, left,
+                                                loop.time() + stall_timeout)
+
+                    check = loop.call_later(stall_timeout, watch, None,
+                                            loop.time() + stall_timeout)
+                    await self._send(frame)
+            except TimeoutError:
+                if not stalled.expired():
+                    raise
+                raise TimeoutError(f"a frame of {len(frame)} bytes made no progress for "
+                                   f"{stall_timeout:g} s ({left} bytes still to send)"
+                                   ) from None
+            finally:
+                if check is not None:
+                    check.cancel()
+
+
+async def close_within(connection: Any, seconds: float, code: int = 1000,
+                       reason: str = "") -> None:
+    """Close a websockets connection with a closing handshake if it completes within
+    ``seconds``, else abort it. ``close()`` alone can wait without end: its close frame
+    queues behind unsent data, and a stalled party takes none."""
+    try:
+        async with asyncio.timeout(seconds):
+            await connection.close(code=code, reason=reason)
+    except TimeoutError:
+        connection.transport.abort()

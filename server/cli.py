@@ -27,9 +27,11 @@ from secagg.cli_support import (
     configure_logging,
     exit_status_epilog,
     os_error_text,
+    raise_open_file_limit,
 )
 from secagg.dp import DPConfig
 from secagg.errors import SecAggError
+from secagg.graph import check_threshold
 from server.coordinator import Coordinator, RoundResult
 
 log = logging.getLogger("secagg.server.cli")
@@ -102,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default="honest-but-curious",
                         help="active adds signed keys and a consistency check (R3) against "
                              "a server that lies about who dropped")
-    parser.add_argument("--phase-timeout", type=_positive_float, default=30.0, metavar="S",
-                        help="seconds each phase (registration too) may take")
+    parser.add_argument("--phase-timeout", type=_positive_float, default=None, metavar="S",
+                        help="seconds each phase (registration too) may take (default: "
+                             "derived from --max-peers, the graph's degree and --dim; 30 s "
+                             "for a dozen peers, about 115 s for 1,000 sparse peers at "
+                             "d = 10,000)")
     parser.add_argument("--clip", type=_positive_float, default=1.0,
                         help="inputs are clipped to [-clip, clip]")
     parser.add_argument("--modulus-bits", type=int, choices=[32, 64], default=32,
@@ -213,7 +218,8 @@ async def serve_rounds(args: argparse.Namespace) -> ExitStatus:
         loop.add_signal_handler(sig, stop.set)
     status = ExitStatus.OK
     async with coordinator:
-        print(f"secagg-server listening on {coordinator.url}", file=sys.stderr, flush=True)
+        print(f"secagg-server listening on {coordinator.url} (phase deadline "
+              f"{coordinator.phase_timeout:g} s)", file=sys.stderr, flush=True)
         for _ in range(args.rounds):
             round_task = asyncio.create_task(coordinator.run_round())
             stop_task = asyncio.create_task(stop.wait())
@@ -245,15 +251,19 @@ def main(argv: list[str] | None = None) -> int:
                      "sparse (it applies to masking and hybrid)")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if args.threshold > args.max_peers or 2 * args.threshold <= args.max_peers:
-        parser.error(f"--threshold must satisfy max-peers/2 < t <= max-peers "
-                     f"(got t={args.threshold}, max-peers={args.max_peers})")
+    try:
+        check_threshold(args.max_peers, args.threshold, args.threat_model)
+    except ValueError as exc:
+        parser.error(f"--threshold {args.threshold} with --max-peers {args.max_peers}: {exc}")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"cannot create --out {args.out}: {exc.strerror}")
+    # One descriptor per peer: the usual soft limit (1,024) is far below the usual hard
+    # one. Beyond what the limit allows, the coordinator turns connections away.
+    raise_open_file_limit()
     try:
         return int(asyncio.run(serve_rounds(args)))
     except KeyboardInterrupt:

@@ -4,9 +4,10 @@ One websocket per peer, kept for the whole session (every round). For each
 round the coordinator announces ``RoundOpen`` to the connected peers, feeds
 every decoded frame, closed connection and expired deadline to a fresh
 :class:`~secagg.protocol.ServerProtocol`, and carries out what it returns.
-It also forwards opaque peer-to-peer frames to peers that have no listener of
+It also relays opaque peer-to-peer frames to peers that have no listener of
 their own (they are AEAD-sealed end to end, so the coordinator learns nothing
-from them).
+from them); the protocol decides which of them it may relay
+(:meth:`~secagg.protocol.ServerProtocol.relay`).
 
 The protocol decides what every frame means, including registration, duplicate
 ids and late arrivals; the coordinator maps connection tokens (``#1``, ``#2``,
@@ -16,6 +17,18 @@ that fails ``secagg.wire`` validation, belongs to another session or round,
 claims another peer's name, or is not allowed in the current phase closes that
 connection with a logged, specific drop reason; the round goes on for everyone
 else. Each client's outbox is bounded: a client that stops reading is dropped.
+
+Every client costs one file descriptor, and the process has a limit on them
+(``RLIMIT_NOFILE``). Past it, asyncio's accept loop gets ``EMFILE``; CPython 3.11
+then logs a traceback and schedules a retry for every pending connection, tens of
+thousands of lines a second, and the process cannot even open its result file.
+So the coordinator accepts on a listening socket of its own
+(:class:`_GuardedListener`): it admits connections while they fit under the
+limit minus a reserve, closes the ones beyond at once (saying so once per
+:data:`FULL_NOTICE_SECONDS`), and if ``accept()`` fails for want of descriptors
+anyway (something else in the process took them) it frees a spare descriptor to
+accept and close one waiting connection instead of letting the error loop. The
+round goes on with the peers that are in.
 """
 
 from __future__ import annotations
@@ -23,10 +36,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
+import socket
 import ssl
+import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +54,12 @@ from websockets.exceptions import ConnectionClosed
 
 from secagg.dp import DPConfig
 from secagg.dp.accounting import epsilon
-from secagg.driver import ActionLoop, Outbox, OutboxFull, keepalive_seconds
+from secagg.driver import ActionLoop, Outbox, OutboxFull, close_within, start_keepalive
 from secagg.errors import WireError
 from secagg.graph import GraphKind
 from secagg.paillier import DEFAULT_KEY_BITS
 from secagg.protocol import ServerConfig, ServerOutcome, ServerProtocol
-from secagg.protocol.common import Mode, ThreatModel
+from secagg.protocol.common import Mode, ThreatModel, keepalive_seconds
 from secagg.protocol.errors import DropReason
 from secagg.protocol.events import (
     Bind,
@@ -55,6 +72,7 @@ from secagg.protocol.events import (
     Send,
 )
 from secagg.protocol.modes import round_mode, slot_layout
+from secagg.protocol.server.config import BASE_PHASE_TIMEOUT
 from secagg.wire import SERVER, Envelope, Forward, Limits, Rejected, decode, encode
 
 log = logging.getLogger("secagg.coordinator")
@@ -85,6 +103,183 @@ class RoundResult:
 MAX_OUTBOX_FRAMES = 4096
 """Frames queued for one client before it counts as not reading (and is dropped)."""
 CLOSE_FLUSH_SECONDS = 5.0
+CLOSE_HANDSHAKE_SECONDS = 10.0
+"""websockets' default close timeout: how long a closing handshake may take."""
+
+
+DESCRIPTOR_RESERVE = 16
+"""Descriptors kept free for what the process opens besides client connections (the
+round's result files, log files, the resolver) beyond those open when it started."""
+FULL_NOTICE_SECONDS = 10.0
+"""At most one log line per this many seconds about connections refused for lack of
+descriptors."""
+MAX_REFUSED_PER_WAKEUP = 64
+"""Waiting connections refused in one go before the event loop runs other work."""
+ACCEPT_BACKOFF_SECONDS = 1.0
+"""asyncio's pause after an accept() error (``asyncio.constants.ACCEPT_RETRY_DELAY``)."""
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def open_file_limit() -> int | None:
+    """This process's soft limit on open descriptors (None: unlimited or unknown)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def open_descriptors() -> int | None:
+    """How many descriptors this process has open (None where it cannot be told)."""
+    for path in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(path))
+        except OSError:
+            continue
+    return None
+
+
+class _AcceptGate:
+    """Counts the coordinator's client sockets and decides, at ``accept()``, whether a
+    new one fits under the open-file limit (see the module docstring)."""
+
+    def __init__(self, capacity: int | None, limit: int | None) -> None:
+        self.capacity = capacity
+        """Client connections that fit (None: no limit)."""
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        """Connections closed at once, since the last notice."""
+        self._noticed_at: float | None = None
+        self._backoff_until = 0.0
+        self._spare: int | None = None
+        self._take_spare()
+
+    def accept(self, raw_accept: Callable[[], tuple[socket.socket, Any]]
+               ) -> tuple[socket.socket, Any]:
+        """``raw_accept()`` once the new connection fits; closes the ones that do not.
+        Raises BlockingIOError when nothing is to be handed to asyncio now."""
+        if time.monotonic() < self._backoff_until:
+            raise BlockingIOError(errno.EAGAIN, "accepting is paused")
+        for _ in range(MAX_REFUSED_PER_WAKEUP):
+            try:
+                conn, address = raw_accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_DESCRIPTORS:
+                    raise
+                if self._out_of_descriptors(raw_accept, exc):
+                    raise BlockingIOError(errno.EAGAIN, "out of descriptors") from None
+                # No spare either: asyncio's own back-off (it stops reading the socket
+                # for a second) beats a busy loop; it logs this one error.
+                self._backoff_until = time.monotonic() + ACCEPT_BACKOFF_SECONDS
+                raise
+            if self.capacity is None or self.open < self.capacity:
+                return self._admit(conn), address
+            conn.close()
+            self._refuse()
+        raise BlockingIOError(errno.EAGAIN, "refused enough for now")
+
+    def _admit(self, conn: socket.socket) -> socket.socket:
+        counted = _CountedSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
+        self.open += 1
+        # Released when asyncio closes the socket, or when it is collected unclosed.
+        counted.release = weakref.finalize(counted, self._release)
+        return counted
+
+    def _release(self) -> None:
+        self.open -= 1
+
+    def _refuse(self) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if self._noticed_at is not None and now - self._noticed_at < FULL_NOTICE_SECONDS:
+            return
+        self._noticed_at = now
+        log.warning("refusing new connections: %d are open, as many as fit under the "
+                    "open-file limit of %s (%d refused since the last notice; raise the "
+                    "limit with ulimit -n)", self.open, self.limit, self.refused)
+        self.refused = 0
+
+    def _out_of_descriptors(self, raw_accept: Callable[[], tuple[socket.socket, Any]],
+                            exc: OSError) -> bool:
+        """accept() failed for want of descriptors: refuse one waiting connection with
+        the spare descriptor. False if there is no spare (any more)."""
+        if self._spare is None:
+            return False
+        os.close(self._spare)
+        self._spare = None
+        with contextlib.suppress(OSError):
+            conn, _ = raw_accept()
+            conn.close()
+        self._take_spare()
+        now = time.monotonic()
+        self.refused += 1
+        if self._noticed_at is None or now - self._noticed_at >= FULL_NOTICE_SECONDS:
+            self._noticed_at = now
+            log.warning("refusing new connections: accept() found no free descriptor "
+                        "(%s) with %d connections open (%d refused since the last notice)",
+                        os.strerror(exc.errno or 0), self.open, self.refused)
+            self.refused = 0
+        return self._spare is not None
+
+    def _take_spare(self) -> None:
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self._spare = None
+
+    def close(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+
+class _CountedSocket(socket.socket):
+    """An accepted client socket that gives its slot back when it is closed."""
+
+    release: weakref.finalize | None = None  # type: ignore[type-arg]
+
+    def close(self) -> None:
+        super().close()
+        if self.release is not None:
+            self.release()
+
+
+class _GuardedListener(socket.socket):
+    """A listening socket whose ``accept()`` (called by asyncio's accept loop) goes
+    through an :class:`_AcceptGate`."""
+
+    gate: _AcceptGate | None = None
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.gate is None:
+            return super().accept()
+        return self.gate.accept(super().accept)
+
+
+def _listening_socket(host: str, port: int) -> _GuardedListener:
+    """A bound TCP socket for ``host``:``port`` (an IPv4 address preferred when the name
+    has several; every interface, IPv6 included where possible, for "" or "::")."""
+    address: tuple[Any, ...]
+    if host in ("", "::") and socket.has_dualstack_ipv6():
+        family, address = socket.AF_INET6, ("::", port)
+    else:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        info = min(infos, key=lambda item: item[0] != socket.AF_INET)
+        family, address = info[0], info[4]
+    sock = _GuardedListener(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address[0] == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: "
+                                 f"{exc.strerror or exc}") from None
+    return sock
 
 
 @dataclass(eq=False)
@@ -100,6 +295,13 @@ class _Client:
     @property
     def label(self) -> str:
         return self.name or f"unregistered connection {self.token}"
+
+
+async def _discard_frames(connection: ServerConnection) -> None:
+    """Read (and ignore) what a connection being closed still sends, until it closes."""
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in connection:
+            pass
 
 
 class Coordinator:
@@ -126,7 +328,7 @@ class Coordinator:
         modulus_bits: int = 32,
         weighted: bool = False,
         max_weight: float = 1.0,
-        phase_timeout: float = 30.0,
+        phase_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         session: bytes | None = None,
         progress: Callable[[str, int], None] | None = None,
@@ -137,7 +339,9 @@ class Coordinator:
     ) -> None:
         """``dp`` runs every round with distributed differential privacy: each peer
         adds its share of the noise, and each round's stats report the noise present
-        and the privacy spent so far in the session (``stats["dp"]``)."""
+        and the privacy spent so far in the session (``stats["dp"]``). ``phase_timeout``
+        None derives the deadline from the round's size
+        (``ServerConfig.derived_phase_timeout``)."""
         if min_peers is not None:
             warnings.warn("Coordinator(min_peers=) is now max_peers=: it is the most peers "
                           "a round admits (registration closes when that many registered)",
@@ -155,9 +359,13 @@ class Coordinator:
             session=self.session, round=0, max_peers=max_peers, threshold=threshold, dim=dim,
             threat_model=threat_model, graph=graph, fan_in=fan_in, clip=clip, scale=scale,
             modulus_bits=modulus_bits, weighted=weighted, max_weight=max_weight,
-            phase_timeout=phase_timeout, mode=mode, paillier_key_bits=paillier_key_bits,
-            dp=dp)
+            phase_timeout=phase_timeout or BASE_PHASE_TIMEOUT, mode=mode,
+            paillier_key_bits=paillier_key_bits, dp=dp)
         self._template.encoder()
+        if phase_timeout is None:
+            self._template = dataclasses.replace(
+                self._template, phase_timeout=self._template.derived_phase_timeout())
+        self.phase_timeout = self._template.phase_timeout
         self._dp_rounds: list[int] = []
         """Contributors of every released DP round so far (for the privacy spent)."""
         self._ssl = ssl_context
@@ -173,9 +381,11 @@ class Coordinator:
             max_peers=max_peers, dim=self._template.wire_dim, modulus_bits=modulus_bits,
             payload_bytes=payload_bytes).max_frame_bytes
         # A stalled peer keeps its connection open: pings find it within a fraction
-        # of a phase (see secagg.driver.keepalive_seconds).
-        self._keepalive = keepalive_seconds(phase_timeout)
+        # of a phase (secagg.protocol.common.keepalive_seconds), and so does a send that
+        # stops making progress (secagg.driver.Outbox).
+        self._keepalive = keepalive_seconds(self.phase_timeout)
         self._server: Server | None = None
+        self._gate: _AcceptGate | None = None
         self._connections: dict[str, _Client] = {}
         """Every open connection, by token and (once registered) by name."""
         self._next_token = 0
@@ -197,18 +407,45 @@ class Coordinator:
         await self.close()
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._serve_connection, self.host, self.port, compression=None,
-            max_size=self._max_frame, ssl=self._ssl, ping_interval=self._keepalive,
-            ping_timeout=self._keepalive)
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
-        log.info("coordinator listening on %s", self.url)
+        listener = _listening_socket(self.host, self.port)
+        limit = open_file_limit()
+        capacity = None
+        gate = _AcceptGate(None, limit)  # holds the spare descriptor from now on
+        if limit is not None:
+            in_use = open_descriptors()
+            in_use = in_use if in_use is not None else 32  # unknown: a typical start
+            capacity = max(0, limit - in_use - DESCRIPTOR_RESERVE)
+            gate.capacity = capacity
+        listener.gate = gate
+        try:
+            self._server = await serve(
+                self._serve_connection, sock=listener, compression=None,
+                max_size=self._max_frame, ssl=self._ssl,
+                ping_interval=None)  # secagg.driver.start_keepalive, per connection
+        except BaseException:
+            listener.close()
+            gate.close()
+            raise
+        self._gate = gate
+        self.port = listener.getsockname()[1]
+        log.info("coordinator listening on %s (room for %s connections under the open-file "
+                 "limit of %s)", self.url, capacity if capacity is not None else "any number",
+                 limit if limit is not None else "none")
+        if capacity is not None and capacity < self.max_peers:
+            log.warning("the open-file limit of %d leaves room for %d connections, fewer "
+                        "than max_peers %d: raise it (ulimit -n) or rounds go on with the "
+                        "peers that fit", limit, capacity, self.max_peers)
 
     @property
     def url(self) -> str:
         scheme = "wss" if self._ssl else "ws"
         return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def connected_names(self) -> frozenset[str]:
+        """The peers connected under a registered name (in this round or an earlier one
+        of the session): a test's barrier for "the coordinator knows this peer"."""
+        return frozenset(c.name for c in self._clients() if c.name and c.closing is None)
 
     async def close(self) -> None:
         self._loop.stop()
@@ -216,9 +453,14 @@ class Coordinator:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for client in self._clients():
-            await client.outbox.drain(2)
-            await client.connection.close()
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
+        # All at once: a stalled client makes each step wait out its timeout.
+        clients = self._clients()
+        await asyncio.gather(*(client.outbox.drain(2) for client in clients))
+        await asyncio.gather(*(close_within(client.connection, CLOSE_HANDSHAKE_SECONDS)
+                               for client in clients))
 
     # --------------------------------------------------------------- rounds
 
@@ -276,9 +518,11 @@ class Coordinator:
         token = f"#{self._next_token}"
         client = _Client(connection, token, Outbox(
             connection.send, max_frames=MAX_OUTBOX_FRAMES,
-            send_timeout=self._template.phase_timeout, on_sent=self._count_out,
-            on_stuck=connection.transport.abort))
+            send_timeout=self._template.phase_timeout, stall_timeout=self._keepalive,
+            backlog=connection.transport.get_write_buffer_size, on_sent=self._count_out,
+            on_stuck=connection.transport.abort, label=f"coordinator: connection {token}"))
         client.outbox.start()
+        start_keepalive(connection, self._keepalive, f"coordinator: connection {token}")
         self._connections[token] = client
         protocol = self._protocol
         if protocol is not None and not protocol.finished:
@@ -302,9 +546,14 @@ class Coordinator:
             self._on_closed(client, fault)
             if client.closing is not None:
                 # Deliver the queued notice and close with the reason before returning
-                # (returning from the handler closes the connection at once).
+                # (returning from the handler closes the connection at once). Frames
+                # still coming are read and discarded meanwhile: unread, they would fill
+                # websockets' receive queue, it would stop reading the socket, and the
+                # closing handshake behind them would wait out its timeout.
                 with contextlib.suppress(Exception):
-                    await client.closing
+                    async with asyncio.timeout(CLOSE_FLUSH_SECONDS + CLOSE_HANDSHAKE_SECONDS):
+                        await asyncio.gather(client.closing, _discard_frames(connection))
+                connection.transport.abort()  # a no-op once closed
 
     def _on_frame(self, client: _Client, frame: bytes) -> None:
         origin = client.name or client.token
@@ -320,7 +569,7 @@ class Coordinator:
                 self._loop.feed(FrameReceived(origin, frame))
             return
         if isinstance(env.body, Forward):
-            self._forward(client, env)
+            self._relay(client, env)
             return
         if not client.name and env.sender in self._connections:
             # One live connection per name: the first keeps it.
@@ -333,22 +582,22 @@ class Coordinator:
             return
         self._loop.feed(MessageReceived(env, origin=origin))
 
-    def _forward(self, client: _Client, env: Envelope) -> None:
-        body = env.body
-        assert isinstance(body, Forward)
-        if not client.name:
-            self._drop(client, DropReason.UNEXPECTED_MESSAGE, "forward before registration")
+    def _relay(self, client: _Client, env: Envelope) -> None:
+        """A peer asks us to relay a sealed frame: the round's protocol decides (in any
+        state, between rounds too, so that a flood is cut off whenever it comes)."""
+        protocol = self._protocol
+        if protocol is None:
+            self._reject(client, DropReason.NOT_REGISTERED,
+                         "no round is open; wait for the round notice")
             return
-        target = self._connections.get(body.recipient)
-        if target is None or not target.name:
-            log.info("cannot forward from %s to %s: not connected", client.name,
-                     body.recipient)
+        try:
+            actions = protocol.relay(client.name or client.token, env)
+        except Exception:  # a bug in secagg, not the sender's fault: keep serving
+            log.exception("coordinator: internal error relaying a forward from %s",
+                          client.label)
             return
-        # Re-label the sender so the recipient knows who relayed: the inner frame is
-        # sealed end to end and names its true sender.
-        self._enqueue(target, encode(Envelope(session=env.session, round=env.round,
-                                              sender=SERVER, body=Forward(
-                                                  recipient=client.name, frame=body.frame))))
+        # The relayed frame goes to a bound name; an unknown one is not connected.
+        self._loop.apply(actions)
 
     def _on_closed(self, client: _Client, fault: tuple[DropReason, str] | None) -> None:
         for key in (client.token, client.name):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -303,7 +304,8 @@ class RawClient:
                                sender=name,
                                body=AdvertiseKeys(address=address,
                                                   channel_key=channel.public_bytes,
-                                                  mask_key=mask.public_bytes)))
+                                                  mask_key=mask.public_bytes,
+                                                  self_mask_commitment=os.urandom(32))))
 
     async def register(self, name: str, timeout: float = 30.0) -> bytes:
         """Wait for the round to open and register as ``name``; return the frame sent."""

@@ -43,7 +43,6 @@ from secagg.wire import (
     WIRE_VERSION,
     EncryptedPartialSum,
     EncryptedShares,
-    Forward,
     Limits,
     Refusal,
     Rejected,
@@ -182,13 +181,19 @@ async def test_coordinator_close_code_carries_the_reason() -> None:
     assert "malformed" in reason
 
 
+async def _registered(c: Coordinator, name: str) -> None:
+    """Barrier: wait until the coordinator has bound ``name`` to its connection."""
+    async with asyncio.timeout(10):
+        while name not in c.connected_names:
+            await asyncio.sleep(0.01)
+
+
 async def test_rejected_notice_reaches_a_duplicate_id() -> None:
     async with coordinator(3) as c, RawClient(c.url) as original:
         round_task = asyncio.create_task(c.run_round())
         try:
             await original.register("dup")
-            await original.send_message(Forward(recipient="dup", frame=b"ping"))
-            await original.wait_for(Forward.TYPE, timeout=10)
+            await _registered(c, "dup")
             async with RawClient(c.url) as impostor:
                 await impostor.open_round()
                 await impostor.send(impostor.advertise_frame("dup"))
@@ -309,11 +314,7 @@ async def test_coordinator_rejects_a_duplicate_id_during_registration(
     async with coordinator(n) as c, RawClient(c.url) as original:
         round_task = asyncio.create_task(c.run_round())
         await original.register("dup")
-        # Barrier: the coordinator forwards only for registered names, so the echo of
-        # a frame forwarded to ourselves proves "dup" is registered.
-        await original.send_message(Forward(recipient="dup", frame=b"ping"))
-        echo = await original.wait_for(Forward.TYPE, timeout=10)
-        assert echo.body == Forward(recipient="dup", frame=b"ping")
+        await _registered(c, "dup")
         async with RawClient(c.url) as impostor:
             await impostor.open_round()
             await impostor.send(impostor.advertise_frame("dup"))

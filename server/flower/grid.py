@@ -53,7 +53,7 @@ from secagg.protocol.events import (
     SetTimer,
     TimerExpired,
 )
-from secagg.wire import SERVER
+from secagg.wire import SERVER, Envelope, Forward
 from server.flower.messages import (
     EVENT_FRAME,
     EVENT_GONE,
@@ -256,6 +256,16 @@ class GridRound:
         if target is None or target is sender:
             log.info("%s sent a frame to %r, not a peer of this round: dropped", sender.name,
                      recipient[:70])
+            return
+        # The protocol decides, as for a NAT peer's forward through the coordinator:
+        # only this round's shares to a neighbour or sums up the tree, within the
+        # round's need; a node that keeps asking for more is cut off.
+        config = self.protocol.config
+        forward = Envelope(session=config.session, round=config.round, sender=sender.name,
+                           body=Forward(recipient=recipient, frame=frame))
+        actions = self.protocol.relay(sender.name, forward)
+        self._feed_actions([action for action in actions if not isinstance(action, Send)])
+        if not any(isinstance(action, Send) for action in actions):
             return
         sender.links.add(target.name)
         target.links.add(sender.name)

@@ -8,6 +8,10 @@ actions: a :class:`RemoteProtocolError`, :class:`WireError` or
 :class:`CryptoError` raised while handling what ``X`` sent disconnects ``X``
 with a specific :class:`DropReason`, records it, and lets the phase deal with
 ``X`` being gone. Nothing a remote party does makes ``handle()`` raise.
+
+``Forward`` frames (sealed peer-to-peer frames the coordinator relays to peers
+without a listener) belong to no phase: :meth:`ServerProtocol.relay` judges them
+(:mod:`secagg.protocol.server.forward`) in every state, finished included.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from secagg.protocol.events import (
 from secagg.protocol.server.base import PHASE_TIMER, ServerPhase, ServerState, Step, Transition
 from secagg.protocol.server.config import ServerConfig
 from secagg.protocol.server.context import ServerContext
+from secagg.protocol.server.forward import ForwardGate
 from secagg.protocol.server.register import begin_registration, round_open
-from secagg.wire import SERVER, AdvertiseKeys, Envelope, Limits, Withdraw, decode
+from secagg.wire import SERVER, AdvertiseKeys, Envelope, Forward, Limits, Withdraw, decode
 
 log = logging.getLogger("secagg.server")
 
@@ -63,6 +68,7 @@ class ServerProtocol:
         self._ctx = ServerContext.create(config, random_bytes=random_bytes,
                                          record_view=record_view, paillier_keys=paillier_keys)
         self.phase: ServerPhase = IdlePhase(self._ctx)
+        self._forwards = ForwardGate(self._ctx)
 
     # ------------------------------------------------------------------ API
 
@@ -101,6 +107,37 @@ class ServerProtocol:
             return self.phase.on_connected(event.connection)
         raise TypeError(f"not a protocol event: {event!r}")
 
+    def relay(self, origin: str, env: Envelope) -> list[Action]:
+        """A ``Forward`` that the peer on connection ``origin`` asks us to relay: the
+        Send that relays it (the inner frame untouched, the forward relabelled with
+        ``origin`` so the recipient knows who sent it), nothing (refused, logged), or
+        ``origin``'s disconnection once it kept sending forwards it may not send.
+
+        Any state after ``start()``, finished included (a flood does not stop between
+        rounds). A connection token is cut off at once: only registered peers forward.
+        """
+        if not self.phase.STARTED:
+            raise LocalProtocolError("relay() before start(): the round has not begun")
+        if is_connection_token(origin):
+            return self._cut_off(origin, DropReason.NOT_REGISTERED,
+                                 "a forward before registration")
+        body = env.body
+        if not isinstance(body, Forward):
+            raise LocalProtocolError(f"relay() takes forward frames, not {env.type}")
+        verdict = self._forwards.judge(self.state, origin, env, self.limits())
+        if verdict.recipient:
+            return [self._ctx.send_to(verdict.recipient,
+                                      Forward(recipient=origin, frame=body.frame))]
+        level = logging.WARNING if verdict.forbidden else logging.INFO
+        log.log(level, "refusing a forward from %r to %r: %s", origin, body.recipient,
+                verdict.refused)
+        if self._forwards.over_limit(origin):
+            strikes = self._forwards.strikes(origin)
+            return self._cut_off(origin, DropReason.FORBIDDEN_FORWARD,
+                                 f"{strikes} forwards the coordinator may not relay; the "
+                                 f"last: {verdict.refused}")
+        return []
+
     def round_open(self) -> Envelope:
         """The RoundOpen notice for every peer, whenever it connects."""
         return round_open(self._ctx)
@@ -135,6 +172,8 @@ class ServerProtocol:
             # Only a peer takes frames relayed for someone else; every frame at the
             # server arrives on a connection the driver can name.
             raise LocalProtocolError("a frame at the server needs the connection it came on")
+        if isinstance(env.body, Forward):
+            return self.relay(origin, env)
         phase = self.phase
         try:
             transition = self._admit(origin, env)
