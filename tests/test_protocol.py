@@ -1370,3 +1370,24 @@ def test_an_undeliverable_partial_sum_goes_to_the_next_live_ancestor() -> None:
         net.fire(parent, FORWARD_TIMER)
         net.run()
     assert_sum(net, inputs, [0, 1, 2, 3, 4])
+
+
+def test_a_live_peer_left_out_of_u3_hears_so_when_u3_is_fixed() -> None:
+    # A leaf whose sum arrives too late is told at once, not when the round ends: a
+    # peer hearing nothing for two phase deadlines would take the server for lost.
+    net, inputs, _ = make_round(5, 3, dim=3, seed=95, fan_in=2)
+    net.run(hold=is_type("masking_start"))
+    order = _tree_of(net)
+    parent, leaf = peer_name(order[1]), peer_name(order[3])
+    net.release()
+    net.run(hold=lambda recipient, sender, env: sender == leaf
+            and env.type == "encrypted_partial_sum")
+    net.fire(parent, FORWARD_TIMER)  # the parent gives up waiting for the leaf
+    net.run(hold=is_type("unmask_request"))
+    assert net.server.state is ServerState.UNMASKING
+    outcome = net.peers[leaf].outcome
+    assert outcome is not None and (outcome.status, outcome.included) == ("excluded", False)
+    net.held = [item for item in net.held if item[1] != leaf]
+    net.release()
+    net.run()
+    assert_sum(net, inputs, sorted(u for u in order if peer_name(u) != leaf))

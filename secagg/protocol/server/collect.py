@@ -294,8 +294,22 @@ class CollectPhase(ServerPhase):
         ctx = self.ctx
         ctx.u3 = contributors
         ctx.stats["u3"] = len(contributors)
+        actions: list[Action] = []
         for u in sorted(ctx.u2 - contributors):
             ctx.drop(u, DropReason.NO_MASKED_INPUT)
+            if ctx.live(u):
+                # Told now, not when the round ends: a peer hearing nothing for two
+                # phase deadlines takes the server for lost.
+                ctx.told_outcome.add(u)
+                actions.append(ctx.send(u, RoundOutcome(
+                    status="excluded", contributor_count=len(contributors), included=False,
+                    contributors=[], reason="its masked input did not reach the root in "
+                                            "time")))
+        step = self._after_u3(total, contributors)
+        return [*actions, *step[0]], step[1]
+
+    def _after_u3(self, total: np.ndarray, contributors: frozenset[int]) -> Step:
+        ctx = self.ctx
         if not ctx.mode.unmasks:
             # Nothing is masked and nothing is revealed later, so no R3 or R4.
             ctx.u4 = contributors
