@@ -157,3 +157,37 @@ def test_server_unmask_quick() -> None:
     contributors, dropped = r["u3"], r["u2"] - r["u3"]
     assert r["counts"]["agreements"] == dropped * contributors
     assert r["counts"]["mask_expansions"] == dropped * contributors + contributors
+
+
+SCALE_KEYS = {"bench", "params", "round", "seconds", "registration_seconds",
+              "after_registration_seconds", "phase_seconds", "target_seconds", "meets_target",
+              "server_peak_rss_bytes", "status", "exact", "max_abs_error", "error_bound",
+              "contributors", "crashed", "dropped", "peer_statuses"}
+
+
+def test_scale_small() -> None:
+    records = run_script("scale.py", "--peers", "12", "--dim", "50", "--workers", "2",
+                         "--rounds", "2")
+    *rounds, summary = records
+    assert [r["round"] for r in rounds] == [0, 1]
+    for r in rounds:
+        assert r.keys() >= SCALE_KEYS
+        assert r["bench"] == "scale"
+        assert r["params"]["n"] == 12 and r["params"]["d"] == 50
+        assert r["params"]["workers"] == 2 and r["params"]["graph"] == "sparse"
+        assert r["status"] == "ok", r.get("reason")
+        assert r["exact"] is True
+        assert 0 <= r["max_abs_error"] <= r["error_bound"]
+        # One victim a round (10 % of 12), crashing after registration.
+        assert r["crashed"] == 1 and r["u1"] == 12
+        assert 12 - 1 <= r["contributors"] <= 12
+        # Every survivor's contribute() ended ok; the victim's was cut short.
+        assert r["peer_statuses"].get("ok") == 11
+        assert positive(r["seconds"]) and positive(r["server_peak_rss_bytes"])
+        assert r["registration_seconds"] + r["after_registration_seconds"] == pytest.approx(
+            r["seconds"], abs=1e-3)
+        assert r["meets_target"] is (r["after_registration_seconds"] <= r["target_seconds"])
+    assert [r["target_seconds"] for r in rounds] == [15, 8]
+    assert summary["summary"] is True and summary["rounds_completed"] == 2
+    assert summary["all_exact"] is True
+    assert summary["meets_targets"] is all(r["meets_target"] for r in rounds)
