@@ -32,6 +32,7 @@ import json
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,3 +513,17 @@ async def test_close_within_does_not_wait_on_a_stalled_party() -> None:
         assert client.state is State.CLOSED
         with contextlib.suppress(ConnectionClosed):
             await asyncio.wait_for(sending, 10)
+
+
+async def test_keepalive_does_not_blame_the_other_side_for_its_own_busy_loop() -> None:
+    # This process's loop blocks for longer than the pong timeout while the pong is
+    # already on its way: a busy loop is not the other party's stall.
+    from secagg.driver import _pong_within
+
+    loop = asyncio.get_running_loop()
+    pong: asyncio.Future[float] = loop.create_future()
+    loop.call_later(0.05, pong.set_result, 0.0)
+    loop.call_soon(time.sleep, 0.6)  # blocks the loop past the 0.2 s timeout
+    assert await _pong_within(pong, 0.2)
+    silent: asyncio.Future[float] = loop.create_future()
+    assert not await _pong_within(silent, 0.2)
