@@ -28,6 +28,7 @@ from test_sim import (
 
 from secagg.crypto.aead import open_sealed, seal
 from secagg.errors import WireError
+from secagg.graph import session_graph_seed
 from secagg.paillier import PaillierKeyPair, decrypt_vector, generate_keypair, public_key_bytes
 from secagg.protocol import (
     MessageReceived,
@@ -373,7 +374,8 @@ def _roster_for(peer: PeerProtocol, session: bytes, mode: str, key: bytes, *,
         # Three input coordinates and the clipped counter.
         your_index=0, size=3, threshold=2, dim=4, modulus_bits=32, clip=1.0, scale=1024.0,
         weighted=False, max_weight=1.0, threat_model="honest-but-curious",
-        graph_kind="complete", graph_seed=bytes(32), degree=2, share_threshold=2, fan_in=8,
+        graph_kind="complete", graph_seed=session_graph_seed(session), degree=2,
+        share_threshold=2, fan_in=8,
         phase_timeout=5.0, neighbours=entries, mode=mode, paillier_key=key, input_dim=3))
 
 
