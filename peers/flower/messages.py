@@ -20,13 +20,13 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("peers.flower needs Flower: pip install 'secagg[flower]'") from exc
 
 from secagg import wire
+from secagg.flower_format import EVENT_FRAME, EVENT_GONE, EVENT_TIMER, RECORD, START, STEP
 from secagg.protocol.events import Event, FrameReceived, PeerGone, TimerExpired
 from secagg.wire import SERVER, Envelope, Limits, RoundOpen
 
-RECORD = "secagg"
-"""The config record of every message of a round, both ways."""
-START, STEP = "start", "step"
-EVENT_FRAME, EVENT_TIMER, EVENT_GONE = 0, 1, 2
+__all__ = ["EVENT_FRAME", "EVENT_GONE", "EVENT_TIMER", "MAX_EVENTS", "RECORD", "START", "STEP",
+           "read_events", "read_start", "reply_record"]
+
 MAX_EVENTS = 1 << 16
 """Events one server message may carry (a round needs a few per roster peer)."""
 

@@ -14,10 +14,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("server.flower needs Flower: pip install 'secagg[flower]'") from exc
 
-# The message format (the same strings as in peers/flower/messages.py).
-RECORD = "secagg"
-START, STEP = "start", "step"
-EVENT_FRAME, EVENT_TIMER, EVENT_GONE = 0, 1, 2
+from secagg.flower_format import EVENT_FRAME, EVENT_GONE, EVENT_TIMER, RECORD, START, STEP
+
+__all__ = ["EVENT_FRAME", "EVENT_GONE", "EVENT_TIMER", "MAX_TIMERS", "RECORD", "START", "STEP",
+           "read_reply"]
 
 MAX_TIMERS = 16
 """Timers one reply may set or cancel (a peer uses two)."""
