@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,23 @@ Connection = ClientConnection | ServerConnection
 # shared connection before opening one itself (R1 exchanges are symmetric).
 LINK_WAIT = 5.0
 PEER_CONNECT_ATTEMPTS = 2
+MAX_CONCURRENT_DIALS = 32
+"""Links opened at once from one event loop (by all the peers it runs). The R1
+exchange opens about half the degree at the same moment; more at once only fills the
+listeners' backlogs (a dropped SYN costs a 1 s retransmission) and bunches the
+handshakes' work into loop iterations long enough to delay pongs for seconds."""
+
+_dial_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+    weakref.WeakKeyDictionary()
+
+
+def dial_slots() -> asyncio.Semaphore:
+    """The running loop's semaphore of :data:`MAX_CONCURRENT_DIALS`."""
+    loop = asyncio.get_running_loop()
+    slots = _dial_slots.get(loop)
+    if slots is None:
+        slots = _dial_slots[loop] = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
+    return slots
 MAX_LINK_FRAMES = 1024
 """Frames queued on one link before it counts as stuck (the other side not reading)."""
 CLOSE_SECONDS = 5.0
@@ -206,7 +224,11 @@ class Links:
             return
         # A peer whose listener refuses mid-round is most likely dead: retry once, briefly
         # (its children re-route to the next ancestor as soon as we give up).
-        connection = await self._dial(address, PEER_CONNECT_ATTEMPTS) if address else None
+        connection = None
+        if address:
+            async with dial_slots():
+                if not link.ready.is_set() and not link.abandoned:
+                    connection = await self._dial(address, PEER_CONNECT_ATTEMPTS)
         if link.ready.is_set():  # an incoming connection won the race, or the peer left
             if connection is not None:
                 await close_within(connection, CLOSE_SECONDS)

@@ -37,6 +37,7 @@ from secagg.driver import (
     close_within,
     set_keepalive,
     start_keepalive,
+    turn,
 )
 from secagg.errors import EncodingError, WireError
 from secagg.protocol import (
@@ -85,6 +86,9 @@ MAX_EARLY_BYTES = 64 << 20
 MAX_SERVER_OUTBOX = 1024
 IDLE_KEEPALIVE = 2.0  # the floor of secagg.protocol.common.keepalive_seconds
 IDLE_SEND_TIMEOUT = 30.0
+OPEN_TIMEOUT = 10.0
+"""How long opening a websocket (TCP and handshake) may take, at least; in a round, at
+least one keepalive interval: a listener on a busy machine answers late, not never."""
 ROUND_NOTICE_WAIT = 600.0
 """How long ``contribute`` waits for the coordinator to open a round, by default."""
 ROUND_DEADLINES = 8
@@ -133,7 +137,17 @@ class PeerError(Exception):
 
 
 class Peer:
-    """A secure-aggregation peer, embeddable in an asyncio application."""
+    """A secure-aggregation peer, embeddable in an asyncio application.
+
+    Liveness: only the coordinator connection is pinged (every
+    :func:`~secagg.protocol.common.keepalive_seconds` of the round's deadline). Peer
+    links carry no pings: the coordinator pings every peer, so it is the one that
+    notices a stalled peer and tells those who wait on it (``PeerDropped``), and a
+    send to a peer that stopped reading is caught by the link's outbox. Pinging every
+    link too would cost each peer one ping per neighbour per interval: at 1,000 peers
+    of degree 54, thousands of pings a second on one machine, for nothing the
+    coordinator's do not already tell.
+    """
 
     def __init__(
         self,
@@ -201,6 +215,7 @@ class Peer:
         # Until a round says how long its phases are, pings go every IDLE_KEEPALIVE s.
         self._keepalive = IDLE_KEEPALIVE
         self._send_timeout = IDLE_SEND_TIMEOUT
+        self._open_timeout = OPEN_TIMEOUT
         self._listener: Server | None = None
         self._server: ClientConnection | None = None
         self._server_reader: asyncio.Task[None] | None = None
@@ -247,7 +262,7 @@ class Peer:
             host, port = self._listen
             self._listener = await serve(
                 self._serve_link, host, port, compression=None, max_size=self._max_frame,
-                ssl=self._listener_ssl, ping_interval=None)  # see _serve_link
+                ssl=self._listener_ssl, ping_interval=None)  # see the class docstring
             bound = next(iter(self._listener.sockets)).getsockname()
             scheme = "wss" if self._listener_ssl else "ws"
             self.address = f"{scheme}://{self._advertise_host or host}:{bound[1]}"
@@ -463,9 +478,11 @@ class Peer:
                 connection = await connect(
                     url, compression=None, max_size=self._max_frame,
                     ssl=self._client_ssl if url.startswith("wss") else None, proxy=None,
-                    open_timeout=10, ping_interval=None)  # our own keepalive, below
-                start_keepalive(connection, self._keepalive, f"{self.peer_id}: " + (
-                    "the coordinator" if url == self.server_url else f"the peer at {url}"))
+                    open_timeout=self._open_timeout, ping_interval=None)
+                if url == self.server_url:
+                    # Our own keepalive (see Peer docstring: peer links carry none).
+                    start_keepalive(connection, self._keepalive,
+                                    f"{self.peer_id}: the coordinator")
                 return connection
             except InvalidURI as exc:
                 raise PeerError(f"invalid URL {url!r}: {exc}") from None
@@ -484,7 +501,8 @@ class Peer:
                 self._server_heard = loop.time()
                 if isinstance(frame, bytes):
                     self.bytes_received += len(frame)
-                    self._on_server_frame(frame)
+                    async with turn():
+                        self._on_server_frame(frame)
         except ConnectionClosed:
             pass
         finally:
@@ -534,9 +552,9 @@ class Peer:
                 if self._server_outbox is not None:
                     self._server_outbox.send_timeout = body.phase_timeout
                     self._server_outbox.stall_timeout = self._keepalive
-            for connection in [*self._peer_connections(), self._server]:
-                if connection is not None:
-                    set_keepalive(connection, self._keepalive)
+            self._open_timeout = max(OPEN_TIMEOUT, self._keepalive)
+            if self._server is not None:
+                set_keepalive(self._server, self._keepalive)
             for connection in self._peer_connections():
                 self._limit_frames(connection)
             self._round_open = env
@@ -601,15 +619,14 @@ class Peer:
         token = f"#{self._next_token}"
         self._incoming[token] = connection
         self._limit_frames(connection)
-        start_keepalive(connection, self._keepalive,
-                        f"{self.peer_id}: incoming peer connection {token}")
         try:
             async for frame in connection:
                 if isinstance(frame, str):
                     log.warning("%s: text frame on a peer link; closing it", self.peer_id)
                     break
                 self.bytes_received += len(frame)
-                self._on_peer_frame(frame, self._origin_of(token))
+                async with turn():
+                    self._on_peer_frame(frame, self._origin_of(token))
                 if token not in self._incoming:
                     break  # the protocol cut it off
         except ConnectionClosed:
@@ -628,7 +645,8 @@ class Peer:
             async for frame in connection:
                 if isinstance(frame, bytes):
                     self.bytes_received += len(frame)
-                    self._on_peer_frame(frame, name)
+                    async with turn():
+                        self._on_peer_frame(frame, name)
                     if self._links.by_name.get(name) is None:
                         break  # the protocol cut it off
         except ConnectionClosed:

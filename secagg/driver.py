@@ -18,6 +18,9 @@ the in-memory simulator and the tests' network, as websockets'
 - :func:`start_keepalive` pings a connection and cuts it off when a pong is
   late; with the outbox's check that sends make progress, it is how a stalled
   party (connected, silent) is noticed, whatever is being sent to it.
+- :func:`turn` hands out one protocol event at a time per event loop, so that a
+  process running many parties (a simulation, a test, a benchmark) answers pings
+  between their steps instead of after all of them.
 
 This module imports neither ``peers`` nor ``server``.
 """
@@ -28,8 +31,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
@@ -244,6 +248,31 @@ class _LoopTransport:
 
     def finish(self, action: RoundFinished) -> None:
         self._loop._finish(action.outcome)
+
+
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
+    weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def turn() -> AsyncIterator[None]:
+    """Handle one received frame, then let the event loop run before the next party's.
+
+    asyncio runs every callback that is ready before it polls its sockets again, so
+    when a frame reaches many parties of one loop at once (a roster to every peer of
+    a benchmark's worker: key agreements and secret sharing, tens of ms each), a pong
+    waits behind all of them: seconds, on a loaded machine, which the other side's
+    keepalive takes for a stall. Holding the loop's lock until the next iteration
+    lets one party step per iteration, with the loop's I/O (pings, pongs, handshakes)
+    in between. A loop with one party (a peer process) only pays one iteration per
+    frame."""
+    loop = asyncio.get_running_loop()
+    lock = _turns.get(loop)
+    if lock is None:
+        lock = _turns[loop] = asyncio.Lock()
+    async with lock:
+        yield
+        await asyncio.sleep(0)
 
 
 _keepalives: set[asyncio.Task[None]] = set()

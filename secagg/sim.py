@@ -7,8 +7,9 @@ millisecond, timers fire at their virtual deadline, and a peer scripted to drop
 in a phase dies at the start of that phase (its connections close, so its
 neighbours, its tree relatives and the server see it go). A peer scripted to
 stall in a phase stays connected from then on, receives everything and sends
-nothing; as the drivers' keepalive would, everyone connected to it sees it go
-``2 * keepalive_seconds(phase_timeout)`` of virtual time after the stall began.
+nothing; as the coordinator's keepalive would, the server sees it go
+``2 * keepalive_seconds(phase_timeout)`` of virtual time after the stall began, and
+the peers only through what the server tells them (peer links carry no keepalive).
 Every frame is encoded and decoded with :mod:`secagg.wire` unless
 ``encode_frames=False``. Runs are deterministic: all randomness comes from ``seed``.
 
@@ -308,9 +309,10 @@ class Network:
     def stall(self, name: str) -> None:
         """Peer ``name`` stalls now: it stays connected and reads, but sends nothing.
 
-        The drivers ping every ``keepalive_seconds(phase_timeout)`` and wait as long for
-        the answer, so the stall is noticed at most about twice that later: then the
-        peer is cut off, and everyone connected to it sees it go, as for a death.
+        The coordinator pings every ``keepalive_seconds(phase_timeout)`` and waits as
+        long for the answer, so the stall is noticed at most about twice that later:
+        then the server cuts the peer off. Its links to other peers stay open (only
+        the coordinator pings), so they learn it went from the server alone.
         """
         if name in self.stalled or name in self.dead:
             return
@@ -324,7 +326,8 @@ class Network:
         # The server closed the stalled peer's connection: should the peer ever run
         # again, that is the first thing it reads, so it cannot finish as if it took part.
         self._handle(name, PeerGone(SERVER))
-        self.kill(name)
+        self.dead.add(name)
+        self._push(LATENCY, SERVER, PeerGone(name))
 
     def _connected_to(self, name: str) -> set[str]:
         """Peers that would hold a connection to ``name``: neighbours and tree relatives."""

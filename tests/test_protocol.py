@@ -51,7 +51,7 @@ from secagg.protocol.errors import DropReason, LocalProtocolError
 from secagg.protocol.peer import FORWARD_TIMER, SHARE_TIMER
 from secagg.protocol.peer.early import MAX_FRAMES, MAX_FRAMES_PER_SOURCE
 from secagg.protocol.peer.phase import DEFER, PEER_GONE, SETTLE, timer
-from secagg.protocol.peer.protocol import PEER_PHASES
+from secagg.protocol.peer.protocol import MAX_STALE_FRAMES, PEER_PHASES
 from secagg.protocol.peer.share import SharingPhase
 from secagg.protocol.server import PHASE_TIMER, SERVER_PHASES
 from secagg.protocol.server.register import RegisterPhase
@@ -370,6 +370,38 @@ def test_shares_from_another_round_are_rejected_and_round_completes() -> None:
     net.run()
     assert net.errors == []
     assert_sum(net, inputs, [0, 1, 2, 3])
+
+
+def test_shares_of_an_earlier_round_are_ignored_and_the_link_kept() -> None:
+    """Links outlive rounds: a neighbour still a round behind (its shares of a round
+    that aborted) is lag, not an attack. Its frames are ignored and noted once; cutting
+    the link would make the next rounds open it again."""
+    net, inputs, _ = make_round(4, 3, seed=4)
+    net.run(hold=is_type("encrypted_shares"))
+    target = "peer-00003"
+    shares = net.held_of("encrypted_shares", target)[0]
+    peer = net.peers[target]
+    late = through_wire(dataclasses.replace(shares, round=ROUND - 1))
+    for _ in range(MAX_STALE_FRAMES):
+        assert peer.handle(late) == []
+    assert [r for r in peer.rejected if "ignored" in r] == [
+        f"encrypted_shares from {shares.sender!r} of round {ROUND - 1} ignored: this is "
+        f"round {ROUND} (late)"]
+    net.release()
+    net.run()
+    assert net.errors == []
+    assert_sum(net, inputs, [0, 1, 2, 3])
+
+
+def test_a_flood_of_earlier_rounds_frames_is_cut_off() -> None:
+    net, _, _ = make_round(4, 3, seed=4)
+    net.run(hold=is_type("encrypted_shares"))
+    shares = net.held_of("encrypted_shares", "peer-00003")[0]
+    peer = net.peers["peer-00003"]
+    late = through_wire(dataclasses.replace(shares, round=ROUND - 1))
+    for _ in range(MAX_STALE_FRAMES):
+        peer.handle(late)
+    _refused(peer.handle(late), shares.sender, DropReason.TOO_MANY_FRAMES)
 
 
 def test_duplicate_shares_are_a_replay() -> None:

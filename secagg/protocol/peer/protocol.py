@@ -23,6 +23,7 @@ sender's link (``Bind``) only when a fresh frame on it authenticates.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,6 +94,9 @@ PEER_TRANSITIONS: dict[tuple[PeerState, str], Transition] = {
 -> (handler name, frozenset of next states); handler "defer" buffers the frame. Derived
 from the phase classes' declarations: anything else is refused."""
 
+MAX_STALE_FRAMES = 64
+"""Frames of earlier rounds one connection may send in a round before it is cut off."""
+
 _EVENTS = (MessageReceived, FrameReceived, TimerExpired, PeerGone, DeliveryFailed,
            PeerConnected)
 
@@ -161,6 +165,7 @@ class PeerProtocol:
         self._context: RoundContext | None = None
         self._early = EarlyFrames()
         self._links = Links()
+        self._stale_frames: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ API
 
@@ -329,6 +334,8 @@ class PeerProtocol:
         authenticated = False
         try:
             self._links.check_route(origin, env)
+            if origin != SERVER and env.session == self.session and env.round < self.round:
+                return self._stale(origin, env)
             check_round(env, self.session, self.round)
             phase = self._phase
             if env.type in phase.DEFERS:
@@ -357,6 +364,22 @@ class PeerProtocol:
             raise RemoteProtocolError(f"{env.type} before the roster",
                                       DropReason.UNEXPECTED_MESSAGE)
         return self._context.open(env, ciphertext)
+
+    def _stale(self, origin: str, env: Envelope) -> list[Action]:
+        """A frame of an earlier round of this session from a peer: ignored. Links
+        outlive rounds, so a neighbour that lagged behind (its shares of a round that
+        aborted, say) is not an attack on this round, which it cannot touch, and the
+        link stays for the rounds to come. More than MAX_STALE_FRAMES from one
+        connection is a flood, not lag."""
+        self._stale_frames[origin] += 1
+        detail = f"{env.type} from {env.sender!r} of round {env.round} ignored: this is " \
+            f"round {self.round} (late)"
+        if self._stale_frames[origin] == 1:
+            self._note(detail)
+        if origin and self._stale_frames[origin] > MAX_STALE_FRAMES:
+            return [Disconnect(origin, DropReason.TOO_MANY_FRAMES,
+                               f"more than {MAX_STALE_FRAMES} frames of earlier rounds")]
+        return []
 
     def _defer(self, origin: str, env: Envelope, size: int | None) -> list[Action]:
         refusal = self._early.hold(origin, env, size)

@@ -168,8 +168,26 @@ class CollectPhase(ServerPhase):
         # that shared keys see each other go; without masks tree relatives may never
         # have been connected.)
         gone = [u, *self._gone_below(u)]
-        return [ctx.send(v, PeerDropped(peer=g)) for v in waiting if ctx.live(v)
-                for g in gone], self
+        # And whoever sent its sum to u must send it again, higher up. A child whose
+        # relay died sees the link close; one whose relay stalled sees nothing (peer
+        # links carry no keepalive: only we ping), so we tell it.
+        return [*(ctx.send(v, PeerDropped(peer=g)) for v in waiting if ctx.live(v)
+                  for g in gone),
+                *(ctx.send(c, PeerDropped(peer=u)) for c in self._orphans_of(u))], self
+
+    def _orphans_of(self, u: int) -> list[int]:
+        """The live peers below ``u`` with nothing but gone peers between them and
+        ``u``: those whose sums went to ``u`` (straight, or re-routed past the dead)."""
+        live, tree = self.ctx.live, self.tree
+        found: list[int] = []
+        stack = list(tree.children(u))
+        while stack:
+            child = stack.pop()
+            if live(child):
+                found.append(child)
+            else:
+                stack += tree.children(child)
+        return sorted(found)
 
     def _gone_below(self, u: int) -> list[int]:
         """The gone children of ``u``, their gone children, and so on."""
