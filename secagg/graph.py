@@ -510,7 +510,17 @@ def session_graph_seed(session: bytes) -> bytes:
 def make_graph(kind: GraphKind, n: int, threshold: int, seed: bytes,
                threat_model: str = "honest-but-curious") -> NeighbourGraph:
     """``complete_graph`` or ``sparse_graph`` by name; the sparse graph for the default
-    dropout rate and the corrupt fraction of ``threat_model`` (:func:`corrupt_rate_for`)."""
+    dropout rate and the corrupt fraction of ``threat_model`` (:func:`corrupt_rate_for`).
+
+    Graphs are immutable, so the last few are cached: every round of a session with
+    the same roster asks for the same one, and so does every peer of a process that
+    runs many (n hashes and a sort, and 2n ints kept per copy, at n = 1,000)."""
+    return _cached_graph(kind, n, threshold, seed, threat_model)
+
+
+@lru_cache(maxsize=16)
+def _cached_graph(kind: GraphKind, n: int, threshold: int, seed: bytes,
+                  threat_model: str) -> NeighbourGraph:
     if kind == "complete":
         return complete_graph(n, threshold)
     if kind == "sparse":

@@ -25,9 +25,8 @@ import hashlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from secagg.crypto.prg import MaskGenerator
 from secagg.crypto.signing import SigningKey, generate_signing_key
 from secagg.dp import DPConfig
 from secagg.driver import dispatch
-from secagg.graph import GraphKind, NeighbourGraph, make_graph
+from secagg.graph import GraphKind
 from secagg.paillier import DEFAULT_KEY_BITS, PaillierKeyPair
 from secagg.protocol.common import Mode, keepalive_seconds
 from secagg.protocol.errors import DropReason
@@ -154,12 +153,6 @@ class SimResult:
 def peer_name(index: int) -> str:
     """The name the simulator gives peer ``index`` (sorting names sorts indices)."""
     return f"peer-{index:05d}"
-
-
-@lru_cache(maxsize=8)
-def _cached_graph(kind: str, n: int, threshold: int, seed: bytes,
-                  threat_model: str) -> NeighbourGraph:
-    return make_graph(kind, n, threshold, seed, threat_model)  # type: ignore[arg-type]
 
 
 class Network:
@@ -498,9 +491,8 @@ def run_round(
     if threat_model == "active":
         identities = {name: generate_signing_key(DeterministicRandom(seed, f"id/{name}"))
                       for name in names}
-    graph_factory: Callable[[str, int, int, bytes, str], NeighbourGraph] = _cached_graph
     peers = {name: PeerProtocol(name, random_bytes=DeterministicRandom(seed, name),
-                                identity=identities.get(name), graph_factory=graph_factory,
+                                identity=identities.get(name),
                                 mask_generator=generator)
              for name in names}
     dies_in = {names[i]: phase for i, phase in dropouts.items()}
