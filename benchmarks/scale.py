@@ -72,6 +72,19 @@ One JSON line per round on stdout::
   round. ``server_max_loop_lag_seconds`` and ``workers_max_loop_lag_seconds``:
   the longest the coordinator's event loop, and any worker's, went without
   running (busy, or starved of CPU) during the round: a pong waits that long.
+  ``workers_gc_seconds``: the time the workers spent in Python's garbage
+  collector during the round, summed over them, per generation (see
+  :func:`tune_gc`); ``server_gc_seconds``: the same for this process.
+
+- ``floor``: what this round cannot undercut on this machine
+  (:mod:`benchmarks.floor`): the unit costs measured at the start of the run
+  (``params.unit_costs``: CPU seconds per websocket link opened and closed, per
+  frame sent and received, per X25519 agreement, per mask of ``d`` words), times
+  the round's counts (``links``: peer links the peers dialled; ``frames``: frames
+  the peers sent; ``agreements``: ``(u1 + contributors) * degree``; ``masks``:
+  ``contributors * (degree + 1)``), over the cores. ``ratio_to_floor`` is
+  ``after_registration_seconds`` over it; ``target_below_floor`` says when the
+  target asks for less than that.
 
 A final line ``{"bench": "scale", "summary": true, ...}`` gives the targets on a
 2-core machine (round 1 at most 15 s after registration, later rounds at most
@@ -87,6 +100,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -98,10 +112,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+if __package__ in (None, ""):
+    # Run as a script: make the sibling benchmarks importable as a package (appended,
+    # as in benchmarks/sim_round.py).
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.floor import measure_unit_costs, round_floor
 from peers.cli import LOST_REASONS
 from peers.peer import Peer
 from secagg.cli_support import raise_open_file_limit
@@ -124,6 +145,7 @@ READY_WAIT_SECONDS = 900.0
 STOP_WAIT_SECONDS = 60.0
 """How long the workers may take to close their peers and exit once the session ended."""
 LAG_TICK_SECONDS = 0.05
+GC_YOUNG_THRESHOLD = 50_000
 REPORT_WAIT_SECONDS = 1800.0
 """How long a worker's round report may take after the coordinator's round ended (and a
 worker may wait for the word to go on): longer than a peer's own bound on a round,
@@ -216,6 +238,43 @@ class LoopLag:
             self.max_seconds = max(self.max_seconds, loop.time() - due)
 
 
+class GcTime:
+    """Seconds this process spent in the garbage collector's passes, by generation."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
+
+    def take(self) -> list[float]:
+        """Per generation, since the last call."""
+        seconds, self.seconds = self.seconds, [0.0, 0.0, 0.0]
+        return [round(x, 3) for x in seconds]
+
+
+def tune_gc() -> None:
+    """What an operator running many peers in one process would do about the collector.
+
+    Python collects its youngest generation every 700 allocations and, every so
+    often, walks every object of the process. A worker holds 125 peers: their
+    connections, keys and round state, seven thousand websockets. The full
+    passes over all of that took the workers some 110 s per round (summed over
+    the 8 of them, ``workers_gc_seconds``), a cost that grows with the peers a
+    process holds, which real peers, one to a process, never pay. So the objects
+    of the setup are frozen out of collection (``gc.freeze``, after a full collection
+    so that nothing collectable is frozen) and the young generation is collected
+    every 50,000 allocations. Reference counting frees everything else as before."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
 # ------------------------------------------------------------------ workers
 
 
@@ -265,6 +324,8 @@ class PeerPool:
         self.crashed = {}
         self.lost_server = set()
         sent_before = {i: peer.bytes_sent for i, peer in self.peers.items()}
+        frames_before = sum(peer.frames_sent for peer in self.peers.values())
+        dials_before = sum(peer.links_dialled for peer in self.peers.values())
         tasks = [asyncio.create_task(self.peers[i].contribute(
             peer_input(seed, round_number, i, d))) for i in self.indices]
         done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -287,7 +348,10 @@ class PeerPool:
                 "crashed": {peer_name(i): states for i, states in sorted(self.crashed.items())},
                 "lost_server": len(self.lost_server),
                 "max_bytes_sent": max(peer.bytes_sent - sent_before[i]
-                                      for i, peer in self.peers.items())}
+                                      for i, peer in self.peers.items()),
+                "frames_sent": sum(p.frames_sent for p in self.peers.values()) - frames_before,
+                "links_dialled": sum(p.links_dialled for p in self.peers.values())
+                - dials_before}
 
     async def replace_gone(self) -> int:
         """Restart the crashed peers, and those that lost the coordinator, under their
@@ -350,13 +414,17 @@ def worker_main(spec_json: str, conn: Connection) -> None:
         pool = PeerPool(spec["url"], spec["indices"], plan)
         lag = LoopLag()
         lag.start()
+        gc_time = GcTime()
         try:
             await pool.start(pool.indices)
+            tune_gc()
             send_json(conn, {"ready": len(pool.peers)})
             for round_number in range(spec["rounds"]):
                 lag.take()
+                gc_time.take()
                 report = await pool.run_round(round_number, spec["d"], spec["seed"])
                 report["max_loop_lag_seconds"] = lag.take()
+                report["gc_seconds"] = gc_time.take()
                 send_json(conn, report)
                 if round_number + 1 == spec["rounds"]:
                     break
@@ -492,7 +560,23 @@ def round_record(params: dict[str, Any], round_number: int, result: RoundResult,
         "server_max_loop_lag_seconds": server_loop_lag,
         "workers_max_loop_lag_seconds": max(
             (r.get("max_loop_lag_seconds", 0.0) for r in reports), default=None),
+        "workers_gc_seconds": [round(sum(r.get("gc_seconds", [0, 0, 0])[g] for r in reports), 3)
+                               for g in range(3)],
     }
+    costs = params.get("unit_costs")
+    if costs:
+        degree = params["degree"]
+        u1, u3 = stats.get("u1") or 0, len(result.contributors)
+        # Channel keys of every rostered peer with each neighbour, mask seeds of every
+        # contributor with each; one pair mask per neighbour and one self mask each.
+        counts = {"link": sum(r.get("links_dialled", 0) for r in reports),
+                  "frame": sum(r.get("frames_sent", 0) for r in reports),
+                  "agreement": (u1 + u3) * degree, "mask": u3 * (degree + 1)}
+        floor = round_floor(counts, costs, params["cpus"] or 1)
+        record["floor"] = floor
+        record["ratio_to_floor"] = None if after is None or not floor["seconds"] else \
+            round(after / floor["seconds"], 2)
+        record["target_below_floor"] = floor["seconds"] > target
     if errors:
         record["errors"] = errors[:10]
     return record
@@ -516,6 +600,8 @@ async def run_session(args: argparse.Namespace) -> list[dict[str, Any]]:
     if workers != args.workers:
         note = (f"{args.workers} workers cannot hold {n} peers under the open-file limit "
                 f"of {fd_limit}; ran {workers}")
+    # Measured before anything else runs, on this process's idle loop.
+    params["unit_costs"] = await measure_unit_costs(d)
     registration_closed: dict[int, float] = {}
 
     def on_phase(phase: str, round_number: int) -> None:
@@ -529,6 +615,7 @@ async def run_session(args: argparse.Namespace) -> list[dict[str, Any]]:
     pool: Workers | None = None
     lag = LoopLag()
     lag.start()
+    gc_time = GcTime()
     try:
         async with Coordinator(HOST, 0, max_peers=n, threshold=threshold, dim=d, graph=GRAPH,
                                progress=on_phase, **options) as coordinator:
@@ -552,9 +639,11 @@ async def run_session(args: argparse.Namespace) -> list[dict[str, Any]]:
             restarted: dict[int, int] = {}
             for round_number in range(args.rounds):
                 lag.take()
+                gc_time.take()
                 started = time.perf_counter()
                 result = await coordinator.run_round()
                 seconds = time.perf_counter() - started
+                server_gc_seconds = gc_time.take()
                 closed_at = registration_closed.get(round_number)
                 server_loop_lag = lag.take()
                 reports = await pool.receive_all(REPORT_WAIT_SECONDS)
@@ -562,6 +651,7 @@ async def run_session(args: argparse.Namespace) -> list[dict[str, Any]]:
                                       None if closed_at is None else closed_at - started,
                                       reports, args.seed, server_loop_lag)
                 record["peers_restarted_before"] = restarted.get(round_number, 0)
+                record["server_gc_seconds"] = server_gc_seconds
                 if round_number == 0:
                     record["setup_seconds"] = round(setup_seconds, 4)
                 if note:
@@ -592,7 +682,8 @@ def summary(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     per_round = [{"round": r["round"], "after_registration_seconds":
                   r["after_registration_seconds"], "target_seconds": r["target_seconds"],
                   "meets_target": r["meets_target"], "status": r["status"],
-                  "exact": r["exact"]} for r in records]
+                  "exact": r["exact"], "floor_seconds": r.get("floor", {}).get("seconds"),
+                  "ratio_to_floor": r.get("ratio_to_floor")} for r in records]
     return {
         "bench": "scale",
         "summary": True,

@@ -4,7 +4,9 @@
 array (one row per round). Progress goes to stderr; no vector or secret is ever
 printed. One line per round says how it ended; the exit status (defined in
 :mod:`secagg.cli_support`) is the most severe of the rounds' (ok, excluded,
-aborted), or says why the peer had to stop (lost the coordinator, rejected).
+aborted), or says why the peer had to stop (lost the coordinator, rejected). A
+round whose registration had closed when the peer arrived is not one of its
+rounds: the coordinator keeps the connection, and the peer takes the next one.
 
 ``secagg-peer keygen --out FILE`` writes an Ed25519 identity key (PKCS#8 PEM, mode
 0600) and prints its public identity line, ``ID HEX-PUBLIC-KEY``; ``--identity FILE``
@@ -69,6 +71,10 @@ secagg-peer keygen --help)."""
 LOST_REASONS = frozenset({"lost the connection to the server",
                           "lost the connection to the coordinator",
                           "the coordinator closed the connection"})
+
+# How the coordinator's notice begins when this peer came after a round's registration
+# closed: the coordinator keeps the connection and a later round admits the peer.
+REGISTRATION_CLOSED = "registration for this round is closed"
 
 # peers.Peer logs these at WARNING; the round line printed here says the same.
 ALREADY_PRINTED = (
@@ -162,6 +168,11 @@ def load_inputs(path: Path, rounds: int | None) -> tuple[np.ndarray, int]:
     return data, count
 
 
+def came_too_late(outcome: PeerOutcome) -> bool:
+    """Whether the round refused this peer only because its registration had closed."""
+    return outcome.status == "rejected" and outcome.reason.startswith(REGISTRATION_CLOSED)
+
+
 def round_status(outcome: PeerOutcome, opened: bool = True) -> tuple[ExitStatus, str]:
     """How one round ended for this peer: its exit status and the line to print.
 
@@ -207,7 +218,8 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int,
                     min_noise_multiplier=args.min_noise_multiplier, identity=identity,
                     trusted_identities=trusted or None,
                     threat_model=args.threat_model) as peer:
-        for index in range(rounds):
+        index, late_round = 0, -1
+        while index < rounds:
             vector = data[index] if data.ndim == 2 else data
             try:
                 outcome = await peer.contribute(vector, weight=args.weight,
@@ -216,6 +228,14 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int,
                 message = str(exc).split(" (pass timeout=")[0]
                 print(f"secagg-peer: error: {message}", file=sys.stderr, flush=True)
                 return ExitStatus.LOST_SERVER
+            if came_too_late(outcome) and outcome.round > late_round:
+                # Not one of its rounds: the same input goes to the next round (once per
+                # round, so that a coordinator repeating itself cannot keep us looping).
+                late_round = outcome.round
+                print(f"secagg-peer {args.peer_id}: round {outcome.round}: not admitted "
+                      f"({outcome.reason}); taking part in the next round",
+                      file=sys.stderr, flush=True)
+                continue
             opened_round = outcome.round in opened
             round_result, line = round_status(outcome, opened_round)
             if round_result is ExitStatus.LOST_SERVER and index > 0 and not opened_round:
@@ -226,6 +246,7 @@ async def take_part(args: argparse.Namespace, data: np.ndarray, rounds: int,
             status = worse(status, round_result)
             if round_result in (ExitStatus.LOST_SERVER, ExitStatus.REJECTED):
                 break
+            index += 1
     return status
 
 

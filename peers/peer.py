@@ -233,6 +233,10 @@ class Peer:
         self._round_open: Envelope | None = None
         self._round_event = asyncio.Event()
         self._rejected: str | None = None
+        """Why the coordinator last turned this peer away outside a round of its own."""
+        self._rejected_round = -1
+        """The round it was turned away from: news for ``contribute`` while later than
+        the last round reported."""
         self._server_closed = False
         self._protocol: PeerProtocol | None = None
         self._loop = ActionLoop(peer_id, send=self._send, disconnect=self._disconnect,
@@ -243,6 +247,9 @@ class Peer:
         self._last_round = -1
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.frames_sent = 0
+        self.links_dialled = 0
+        """Connections this peer opened to other peers' listeners (monitoring)."""
 
     # ---------------------------------------------------------- lifecycle
 
@@ -365,11 +372,18 @@ class Peer:
                                f"{ROUND_NOTICE_WAIT:.0f} s (pass timeout= to wait longer)"
                                ) from None
         if open_round is None:
-            if self._server_closed and self._rejected is None:
+            # A rejection older than a round taken part in since is no news.
+            reason = self._rejected if self._rejected_round >= self._last_round else None
+            if reason is None:
                 return PeerOutcome(status="aborted", round=self._last_round + 1,
                                    reason="lost the connection to the coordinator")
-            reason = self._rejected or "the coordinator closed the connection"
-            return PeerOutcome(status="rejected", round=self._last_round + 1, reason=reason)
+            round_number = max(self._rejected_round, self._last_round + 1)
+            self._last_round = max(self._last_round, self._rejected_round)
+            if not self._server_closed:
+                # Turned away from this round only (its registration had closed): the
+                # connection stays, and the next call waits for a later round.
+                self._rejected = None
+            return PeerOutcome(status="rejected", round=round_number, reason=reason)
         notice = open_round.body
         assert isinstance(notice, RoundOpen)
         self._last_round = open_round.round
@@ -439,7 +453,31 @@ class Peer:
             if watchdog is not None:
                 watchdog.cancel()
         assert isinstance(outcome, PeerOutcome)
+        self._keep_links_to(protocol.neighbour_names())
         return outcome
+
+    def _keep_links_to(self, names: frozenset[str]) -> None:
+        """Close every peer link but those to ``names``, this round's graph neighbours.
+
+        The next round of the same roster has the same graph (the seed is the
+        session's), so these are the links it reuses; tree relatives change every
+        round and are dialled again if needed. Without this a peer would keep a
+        link to everyone it ever shared with, up to n - 1 descriptors over rounds
+        whose rosters differ, where the sparse graph promises about its degree."""
+        doomed: dict[int, Connection] = {}
+        for name in [name for name in self._links.by_name if name not in names]:
+            connection = self._links.close_link(name)
+            if connection is not None:
+                doomed[id(connection)] = connection
+        for token, connection in list(self._incoming.items()):
+            if self._bound.get(token) not in names:
+                del self._incoming[token]
+                self._bound.pop(token, None)
+                doomed[id(connection)] = connection
+        for connection in doomed.values():
+            closing = asyncio.ensure_future(close_within(connection, CLOSE_SECONDS))
+            self._links.tasks.add(closing)
+            closing.add_done_callback(self._links.tasks.discard)
 
     async def _watch_server(self, round_number: int, silence: float) -> None:
         """Give up on a coordinator that sends nothing for ``silence`` seconds of a round:
@@ -483,6 +521,8 @@ class Peer:
                     # Our own keepalive (see Peer docstring: peer links carry none).
                     start_keepalive(connection, self._keepalive,
                                     f"{self.peer_id}: the coordinator")
+                else:
+                    self.links_dialled += 1
                 return connection
             except InvalidURI as exc:
                 raise PeerError(f"invalid URL {url!r}: {exc}") from None
@@ -568,6 +608,7 @@ class Peer:
         if isinstance(body, Rejected) and (protocol is None or protocol.finished):
             log.warning("%s: rejected by the coordinator: %s", self.peer_id, body.reason)
             self._rejected = body.reason
+            self._rejected_round = env.round
             self._round_event.set()
             return
         if protocol is None or env.round != protocol.round:
@@ -591,13 +632,18 @@ class Peer:
                      self.peer_id, env.round)
 
     async def _next_round(self) -> Envelope | None:
+        """The notice of the next round to take part in; None once the connection is
+        gone, or when the coordinator turned this peer away from a round that
+        ``contribute`` has not reported yet (and no later round has opened since)."""
         while True:
-            if self._rejected is not None or self._server_closed:
+            if self._server_closed:
                 return None
             env = self._round_open
-            if env is not None and env.round > self._last_round:
+            if env is not None and env.round > max(self._last_round, self._rejected_round):
                 self._round_open = None
                 return env
+            if self._rejected is not None and self._rejected_round > self._last_round:
+                return None
             self._round_event.clear()
             await self._round_event.wait()
 
@@ -746,3 +792,4 @@ class Peer:
 
     def _count_out(self, size: int) -> None:
         self.bytes_sent += size
+        self.frames_sent += 1

@@ -41,8 +41,7 @@ EXIT_STATUS_MEANINGS: Mapping[ExitStatus, str] = {
     ExitStatus.LOST_SERVER: "the coordinator could not be reached, stopped answering, or "
                             "the connection to it was lost (it died, or stopped before this "
                             "peer's last round)",
-    ExitStatus.REJECTED: "the coordinator rejected this peer (e.g. its id is taken, "
-                         "registration closed)",
+    ExitStatus.REJECTED: "the coordinator rejected this peer (e.g. its id is taken)",
     ExitStatus.EXCLUDED: "a round ended ok without this peer's input (it was dropped, e.g. "
                          "its shares or masked input came too late)",
     ExitStatus.INTERRUPTED: "interrupted (SIGINT or SIGTERM)",

@@ -606,11 +606,16 @@ class Coordinator:
         client.outbox.close()
         if fault is not None:
             log.warning("dropping %s: %s", client.label, fault[1])
-        if client.name and self._protocol is not None:
-            if fault is not None:
-                self._loop.feed(ConnectionFault(client.name, *fault))
-            else:
-                self._loop.feed(PeerGone(client.name))
+        if self._protocol is None:
+            return
+        if not client.name:
+            # Registration waits for every connection told of the round: it must hear
+            # of one that closed unregistered (its process died) to stop waiting for it.
+            self._loop.feed(PeerGone(client.token))
+        elif fault is not None:
+            self._loop.feed(ConnectionFault(client.name, *fault))
+        else:
+            self._loop.feed(PeerGone(client.name))
 
     # ------------------------------------------------------------ actions
 

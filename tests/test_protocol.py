@@ -588,9 +588,12 @@ def test_late_registration_gets_rejected() -> None:
     reply = net.server.handle(FrameReceived("#5", wire.encode(actions[0].envelope)))
     assert "already registered" in _turned_away(reply, "#5", DropReason.DUPLICATE_ID)
     assert net.server.dropped == {}
-    # A connection opening now hears that registration is closed, and why.
+    # A connection opening now hears that registration is closed, and why; it is kept
+    # (not disconnected) for the next round.
     closed = net.server.handle(PeerConnected("#6"))
-    assert "raise max_peers" in _turned_away(closed, "#6", DropReason.NOT_REGISTERED)
+    assert len(closed) == 1 and isinstance(closed[0], Send), closed
+    assert closed[0].recipient == "#6" and isinstance(closed[0].envelope.body, wire.Rejected)
+    assert "raise max_peers" in closed[0].envelope.body.reason
     del net.peers["peer-late"]
     net.release()
     net.run()

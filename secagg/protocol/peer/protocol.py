@@ -256,6 +256,15 @@ class PeerProtocol:
     def name_of(self, index: int) -> str | None:
         return self._context.name_of(index) if self._context is not None else None
 
+    def neighbour_names(self) -> frozenset[str]:
+        """The names of this round's graph neighbours, itself excluded (none before
+        the roster): the peers a round of the same roster exchanges shares with."""
+        context = self._context
+        if context is None:
+            return frozenset()
+        names = (context.name_of(v) for v in context.neighbours if v != context.index)
+        return frozenset(name for name in names if name is not None)
+
     # ------------------------------------------------------------ dispatch
 
     def _on_event(self, event: Event) -> list[Action]:

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import ClassVar
 
 from secagg.protocol.errors import DropReason, RemoteProtocolError
-from secagg.protocol.events import Action, Disconnect, is_connection_token
+from secagg.protocol.events import Action, is_connection_token
 from secagg.protocol.server.context import ServerContext
 from secagg.wire import AdvertiseKeys, Envelope, Refusal
 
@@ -90,10 +90,10 @@ class ServerPhase:
     # ----------------------------------------------------------- connections
 
     def on_connected(self, token: str) -> list[Action]:
-        """A new connection once registration has closed: it is told so and closed."""
-        reason = self.ctx.registration_closed
-        return [self.ctx.rejection(token, reason),
-                Disconnect(token, DropReason.NOT_REGISTERED, reason)]
+        """A new connection once registration has closed: it is told so, and kept for the
+        next round (its frames meanwhile are judged like any unregistered connection's;
+        the driver bounds how many connections it holds)."""
+        return [self.ctx.rejection(token, self.ctx.registration_closed)]
 
     def check_sender(self, env: Envelope) -> None:
         """After registration only the live roster speaks (registrations are judged by
@@ -159,12 +159,11 @@ class ServerPhase:
 
     def turn_away(self, origin: str, env: Envelope, closed: str) -> Step:
         """Refuse a registration from someone not on the roster, saying why."""
-        if is_connection_token(origin):
+        if is_connection_token(origin) and env.sender in self.ctx.index:
             # Told why and closed by the dispatcher, like any bad first frame.
-            if env.sender in self.ctx.index:
-                raise RemoteProtocolError(f"peer id {env.sender!r} is already registered in "
-                                          "this round (duplicate id)", DropReason.DUPLICATE_ID)
-            raise RemoteProtocolError(closed, DropReason.NOT_REGISTERED)
-        # A driver that names connections itself (the simulator) has no connection to
-        # close for a stranger: the notice ends the stranger's round.
+            raise RemoteProtocolError(f"peer id {env.sender!r} is already registered in "
+                                      "this round (duplicate id)", DropReason.DUPLICATE_ID)
+        # Merely late (it heard of the round while registration was open): the notice
+        # ends its round, and its connection stays for the next one, as a connection
+        # opened after registration closed does.
         return [self.ctx.rejection(origin, closed)], self

@@ -74,8 +74,11 @@ class ServerProtocol:
 
     def start(self, connected: int | None = None) -> list[Action]:
         """Open registration (R0). ``connected`` is how many peers the driver told of
-        the round (its open connections); with it, registration also closes once each
-        of them has registered or withdrawn, instead of waiting for the deadline."""
+        the round (its open connections); with it, once one of them withdrew or left,
+        registration also closes when each has registered, withdrawn or left (and at
+        least the threshold registered), instead of waiting for the deadline. The
+        driver then reports every connection that closes, named or not (``PeerGone``
+        with its token), and every one that opens (``PeerConnected``)."""
         if self.phase.STARTED:
             raise LocalProtocolError("round already started")
         actions, self.phase = begin_registration(self._ctx, connected)
@@ -228,8 +231,8 @@ class ServerProtocol:
                                     self.phase.cut_off(origin, reason, detail))
 
     def _peer_gone(self, name: str) -> list[Action]:
-        if is_connection_token(name):
-            return []  # an unregistered connection closed: nothing of it is in the round
+        # An unregistered connection (a token) too: registration waits for every
+        # connection told of the round, so it needs to know when one is gone.
         return self._step(self.phase.ON_PEER_GONE, self.phase.on_peer_gone(name))
 
     # ------------------------------------------------------- read-only state

@@ -4,6 +4,11 @@ Registration is judged here alone: a connection registers under a name (and is
 bound to it) only with a valid, first registration of that name while
 registration is open. Closing it fixes the roster U1, draws the neighbour graph
 and sends each peer its roster.
+
+With the number of connections told of the round known, a connection that answers
+without registering (withdraws) or leaves (its process died, registered or not)
+ends the wait for it: once every connection still there answered and at least the
+threshold registered, registration closes instead of waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -77,16 +82,27 @@ class RegisterPhase(ServerPhase):
                           _S.FINISHED),
     })
     ON_TIMER = on("on_timer", _S.SHARING, _S.MASKING, _S.FINISHED)
-    ON_PEER_GONE = on("on_peer_gone", _S.COLLECTING_KEYS)
+    ON_PEER_GONE = on("on_peer_gone", _S.COLLECTING_KEYS, _S.SHARING, _S.MASKING,
+                      _S.FINISHED)
 
     def __init__(self, ctx: ServerContext, connected: int | None = None) -> None:
         super().__init__(ctx)
         self.connected = connected
-        """Peers told of the round (None: unknown, so withdrawals cannot end the wait)."""
+        """Connections told of the round (None: unknown, so withdrawals and departures
+        cannot end the wait)."""
         self.registered: dict[str, AdvertiseKeys] = {}
         self.cut_off_names: set[str] = set()
-        self.withdrawn: set[str] = set()
         """Names whose registration was cut off: they may not come back this round."""
+        self.withdrawn: set[str] = set()
+        self.withdrew_on: set[str] = set()
+        """Connections (tokens, or names bound in an earlier round) that withdrew: their
+        closing is no news."""
+        self.departed = 0
+        """Connections told of the round that left without withdrawing (registered or
+        not): each is one answer that will not come."""
+        self.counted_gone: set[str] = set()
+        """Connections whose departure is counted: a cut-off is followed by the closing
+        of the same connection, one departure told twice."""
 
     def on_connected(self, token: str) -> list[Action]:
         if self.connected is not None:
@@ -130,6 +146,9 @@ class RegisterPhase(ServerPhase):
                                       DropReason.INVALID_KEYS)
         self.registered[name] = keys
         self.withdrawn.discard(name)
+        self.withdrew_on.discard(origin)
+        # Back under this name on a new connection: its next departure is news again.
+        self.counted_gone.discard(name)
         # Bound first, so that the roster below reaches the connection by its name.
         actions: list[Action] = [Bind(origin, name)] if token else []
         return self._maybe_close(actions)
@@ -146,14 +165,18 @@ class RegisterPhase(ServerPhase):
                                       DropReason.UNEXPECTED_MESSAGE)
         log.warning("%s withdrew from round %d: %s", name, ctx.config.round, body.reason)
         self.withdrawn.add(name)
+        self.withdrew_on.add(origin)
         ctx.withdrawn[name] = body.reason
         ctx.drop_name(name, DropReason.WITHDREW, body.reason)
         return self._maybe_close([])
 
     def _maybe_close(self, actions: list[Action]) -> Step:
         ctx = self.ctx
-        answered = len(self.registered) + len(self.withdrawn)
-        everyone_answered = (self.connected is not None and bool(self.withdrawn)
+        answered = len(self.registered) + len(self.withdrawn) + self.departed
+        # Only once someone withdrew or left: in a plain start-up every connection
+        # registering may still be followed by peers on their way.
+        everyone_answered = (self.connected is not None
+                             and bool(self.withdrawn or self.departed)
                              and answered >= self.connected
                              and len(self.registered) >= ctx.config.threshold)
         if len(self.registered) >= ctx.config.max_peers or everyone_answered:
@@ -162,7 +185,7 @@ class RegisterPhase(ServerPhase):
                 "peers already registered; raise max_peers to admit more")
             if len(self.registered) < ctx.config.max_peers:
                 ctx.registration_closed = ("registration for this round is closed: every "
-                                           "connected peer registered or withdrew")
+                                           "connected peer registered, withdrew or left")
             more, phase = self._close()
             return actions + more, phase
         return actions, self
@@ -174,8 +197,15 @@ class RegisterPhase(ServerPhase):
         return self._close()
 
     def on_peer_gone(self, name: str) -> Step:
-        self.registered.pop(name, None)  # not on a roster yet: simply not registered
-        return [], self
+        """A connection told of the round closed (``name`` is the name it registered or
+        is bound to, else its token): not on a roster yet, so simply not registered, and
+        one answer fewer to wait for."""
+        self.registered.pop(name, None)
+        if self.connected is None or name in self.counted_gone or name in self.withdrew_on:
+            return [], self  # (without the count of connections, departures end no wait)
+        self.counted_gone.add(name)
+        self.departed += 1
+        return self._maybe_close([])
 
     def cut_off(self, name: str, reason: DropReason, detail: str) -> Step:
         if name in self.registered:
