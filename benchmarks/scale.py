@@ -13,18 +13,18 @@ its default deadlines unless ``--phase-timeout`` is given.
 In every round a ``--crash-fraction`` of the peers (chosen with a seeded
 ``numpy.random.Generator``) crash: ``Peer.crash()`` aborts every socket at once,
 as SIGKILL would, when the victim's round enters the state it was dealt,
-round-robin over ``sharing`` (shares sent, collecting the neighbours'),
+round-robin over ``advertised`` (keys queued, not yet registered), ``sharing``
+(shares sent, collecting the neighbours'),
 ``reported`` (share report sent, before the masked input), ``masking`` (its
 masked input computed but never sent) and ``forwarded`` (partial sum sent up,
 before unmasking); ``--crash-phases`` picks others. A victim crashes at the
 first state at or past its planned one that it reaches (a leaf goes from
 ``reported`` to ``forwarded`` in one step), right after what it queued on
 entering that state went out, except for ``masking``, where it dies before
-anything queued leaves. ``advertised`` is not in the default: the peer enters it
-as it queues its keys, so it dies before registering, and the coordinator then
-waits out the registration deadline for a connection it cannot name (it counts
-registered peers only); that is a cost of registration, outside the figures the
-targets apply to.
+anything queued leaves. A victim of ``advertised`` enters it as it queues its
+keys, so it dies before registering: the coordinator counts its closed
+connection as answered and closes registration once every other peer registered
+(``registration_seconds`` shows it did not wait out the deadline).
 
 Between rounds each crashed peer is replaced by a new ``Peer`` under the same
 name (a restarted process: new keys, new listener, new links), and so is a live
@@ -133,7 +133,7 @@ from server.coordinator import Coordinator, RoundResult
 
 HOST = "127.0.0.1"
 GRAPH: GraphKind = "sparse"
-CRASH_PHASES = ("sharing", "reported", "masking", "forwarded")
+CRASH_PHASES = ("advertised", "sharing", "reported", "masking", "forwarded")
 """The states victims crash in by default (``secagg.protocol.peer.phase.PeerState``)."""
 PEER_STATES = ("advertised", "sharing", "reported", "masking", "forwarded", "unmasked")
 TARGET_FIRST_ROUND_SECONDS = 15.0

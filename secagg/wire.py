@@ -260,6 +260,9 @@ class Roster(Message):
     """Coordinates of each peer's input (``dim`` counts the ring coordinates)."""
     dp: DPSettings = NO_DP
     """Distributed DP: how each peer noises its input (``mechanism`` empty: none)."""
+    names: list[PeerName] = dataclasses.field(default_factory=list)
+    """Every rostered peer's name in roster order (sorted), when the sparse graph's ring
+    is keyed by names (``secagg.graph``); empty: keyed by roster index."""
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ unusable encoding or Paillier parameters) is declined. Either way the round ends
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 
@@ -124,9 +125,23 @@ def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
         # One graph per session: a server may not redraw it until it suits it.
         raise RemoteProtocolError("roster graph seed is not the session's",
                                   DropReason.BAD_MESSAGE)
+    names = roster.names
+    if bool(names) != (roster.graph_kind == "sparse"):
+        # One way to draw each kind: a server may not pick the ring that suits it.
+        raise RemoteProtocolError("a sparse roster lists every name, a complete one none",
+                                  DropReason.BAD_MESSAGE)
+    if names:
+        # The ring is keyed by every rostered name: they must be the roster, in its
+        # order, with this peer at its index (its neighbours' are checked below).
+        if len(names) != roster.size or any(a >= b for a, b in pairwise(names)):
+            raise RemoteProtocolError("roster names are not the roster's, sorted and "
+                                      "unique", DropReason.BAD_MESSAGE)
+        if names[roster.your_index] != settings.name:
+            raise RemoteProtocolError("roster names do not put this peer at its index",
+                                      DropReason.BAD_MESSAGE)
     try:
         graph = settings.graph_factory(roster.graph_kind, roster.size, roster.threshold,
-                                       roster.graph_seed, roster.threat_model)
+                                       roster.graph_seed, roster.threat_model, names)
     except ValueError as exc:
         raise RemoteProtocolError(f"roster graph: {exc}", DropReason.BAD_MESSAGE) from None
     if (graph.degree, graph.share_threshold) != (roster.degree, roster.share_threshold):
@@ -136,6 +151,9 @@ def accept_roster(input: RoundInput, roster: Roster) -> RoundContext:
     entries = {entry.index: entry for entry in roster.neighbours}
     if sorted(entries) != list(neighbours) or len(entries) != len(roster.neighbours):
         raise RemoteProtocolError("roster neighbour list does not match the neighbour graph",
+                                  DropReason.BAD_MESSAGE)
+    if names and any(names[v] != entry.name for v, entry in entries.items()):
+        raise RemoteProtocolError("roster neighbour names do not match the roster's names",
                                   DropReason.BAD_MESSAGE)
     own = entries[roster.your_index]
     if (own.name, own.channel_key, own.mask_key) != (

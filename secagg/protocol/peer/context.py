@@ -16,7 +16,7 @@ phase ever asks whether a field "has been set yet":
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +56,9 @@ from secagg.wire import (
 
 log = logging.getLogger("secagg.peer")
 
-GraphFactory = Callable[[str, int, int, bytes, str], NeighbourGraph]
-"""(kind, n, threshold, seed, threat model) -> the round's graph, as ``graph.make_graph``."""
+GraphFactory = Callable[[str, int, int, bytes, str, Sequence[str]], NeighbourGraph]
+"""(kind, n, threshold, seed, threat model, names) -> the round's graph, as
+``graph.make_graph``."""
 
 SEALED_PURPOSES: dict[str, str] = {EncryptedShares.TYPE: SHARE_KEYS,
                                    EncryptedPartialSum.TYPE: PARTIAL_SUM}

@@ -230,7 +230,11 @@ class RegisterPhase(ServerPhase):
                        for u, (name, keys) in
                        enumerate((name, self.registered[name]) for name in ctx.names)]
         graph_seed = session_graph_seed(config.session)
-        graph = make_graph(config.graph, n, config.threshold, graph_seed, config.threat_model)
+        # The sparse ring is keyed by names, so that a roster that changed by a few
+        # peers keeps most neighbourhoods, and with them most links (secagg.graph).
+        graph = make_graph(config.graph, n, config.threshold, graph_seed, config.threat_model,
+                           ctx.names)
+        names = ctx.names if graph.kind == "sparse" else []  # (sparse may fall back)
         ctx.graph = graph
         ctx.size_for_roster()
         ctx.stats.update(registered=n, mode=config.mode, graph=config.graph,
@@ -252,7 +256,7 @@ class RegisterPhase(ServerPhase):
                 share_threshold=graph.share_threshold, fan_in=config.fan_in,
                 phase_timeout=config.phase_timeout,
                 neighbours=[ctx.entries[v] for v in neighbours], mode=config.mode,
-                paillier_key=paillier_key, input_dim=config.dim, dp=dp)))
+                paillier_key=paillier_key, input_dim=config.dim, dp=dp, names=names)))
         if not ctx.mode.shares_keys:
             # No secrets to share, so no R1: everyone registered goes up the tree.
             ctx.u2 = frozenset(range(n))
