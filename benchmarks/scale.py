@@ -84,7 +84,9 @@ One JSON line per round on stdout::
   the peers sent; ``agreements``: ``(u1 + contributors) * degree``; ``masks``:
   ``contributors * (degree + 1)``), over the cores. ``ratio_to_floor`` is
   ``after_registration_seconds`` over it; ``target_below_floor`` says when the
-  target asks for less than that.
+  target asks for less than that. ``cpu_seconds``: the CPU time this process
+  (``server``) and the workers together (``workers``, from the start of their
+  round to their report) spent on the round, to set against the floor's.
 
 A final line ``{"bench": "scale", "summary": true, ...}`` gives the targets on a
 2-core machine (round 1 at most 15 s after registration, later rounds at most
@@ -422,7 +424,9 @@ def worker_main(spec_json: str, conn: Connection) -> None:
             for round_number in range(spec["rounds"]):
                 lag.take()
                 gc_time.take()
+                cpu_started = time.process_time()
                 report = await pool.run_round(round_number, spec["d"], spec["seed"])
+                report["cpu_seconds"] = time.process_time() - cpu_started
                 report["max_loop_lag_seconds"] = lag.take()
                 report["gc_seconds"] = gc_time.take()
                 send_json(conn, report)
@@ -640,9 +644,10 @@ async def run_session(args: argparse.Namespace) -> list[dict[str, Any]]:
             for round_number in range(args.rounds):
                 lag.take()
                 gc_time.take()
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 result = await coordinator.run_round()
                 seconds = time.perf_counter() - started
+                server_cpu_seconds = time.process_time() - cpu_started
                 server_gc_seconds = gc_time.take()
                 closed_at = registration_closed.get(round_number)
                 server_loop_lag = lag.take()
@@ -652,6 +657,9 @@ async def run_session(args: argparse.Namespace) -> list[dict[str, Any]]:
                                       reports, args.seed, server_loop_lag)
                 record["peers_restarted_before"] = restarted.get(round_number, 0)
                 record["server_gc_seconds"] = server_gc_seconds
+                record["cpu_seconds"] = {
+                    "server": round(server_cpu_seconds, 3),
+                    "workers": round(sum(r.get("cpu_seconds", 0.0) for r in reports), 3)}
                 if round_number == 0:
                     record["setup_seconds"] = round(setup_seconds, 4)
                 if note:
