@@ -453,7 +453,8 @@ class Peer:
             if watchdog is not None:
                 watchdog.cancel()
         assert isinstance(outcome, PeerOutcome)
-        self._keep_links_to(protocol.neighbour_names())
+        if protocol.index >= 0:  # (a round that never had a roster says nothing of them)
+            self._keep_links_to(protocol.neighbour_names())
         return outcome
 
     def _keep_links_to(self, names: frozenset[str]) -> None:

@@ -178,9 +178,13 @@ def test_scale_small() -> None:
         assert r["status"] == "ok", r.get("reason")
         assert r["exact"] is True
         assert 0 <= r["max_abs_error"] <= r["error_bound"]
-        # One victim a round (10 % of 12), crashing after registration.
-        assert r["crashed"] == 1 and r["u1"] == 12
-        assert 12 - 1 <= r["contributors"] <= 12
+        # One victim a round (10 % of 12); in advertised it dies before registering, and
+        # registration closes without waiting for it.
+        assert r["crashed"] == 1 and r["u1"] in (11, 12)
+        assert r["u1"] - 1 <= r["contributors"] <= r["u1"]
+        assert r["registration_seconds"] < 10
+        assert positive(r["floor"]["seconds"]) and positive(r["floor"]["counts"]["link"])
+        assert r["ratio_to_floor"] > 0 and positive(r["cpu_seconds"]["workers"])
         # Every survivor's contribute() ended ok; the victim's was cut short.
         assert r["peer_statuses"].get("ok") == 11
         assert positive(r["seconds"]) and positive(r["server_peak_rss_bytes"])
