@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 
-from secagg.driver import Outbox, OutboxFull, close_within
+from secagg.driver import Outbox, OutboxFull, close_within, per_loop
 from secagg.wire import Envelope
 
 log = logging.getLogger("secagg.peer")
@@ -42,11 +42,7 @@ _dial_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaph
 
 def dial_slots() -> asyncio.Semaphore:
     """The running loop's semaphore of :data:`MAX_CONCURRENT_DIALS`."""
-    loop = asyncio.get_running_loop()
-    slots = _dial_slots.get(loop)
-    if slots is None:
-        slots = _dial_slots[loop] = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
-    return slots
+    return per_loop(_dial_slots, lambda: asyncio.Semaphore(MAX_CONCURRENT_DIALS))
 MAX_LINK_FRAMES = 1024
 """Frames queued on one link before it counts as stuck (the other side not reading)."""
 CLOSE_SECONDS = 5.0

@@ -476,9 +476,7 @@ class Peer:
                 self._bound.pop(token, None)
                 doomed[id(connection)] = connection
         for connection in doomed.values():
-            closing = asyncio.ensure_future(close_within(connection, CLOSE_SECONDS))
-            self._links.tasks.add(closing)
-            closing.add_done_callback(self._links.tasks.discard)
+            self._close_soon(connection)
 
     async def _watch_server(self, round_number: int, silence: float) -> None:
         """Give up on a coordinator that sends nothing for ``silence`` seconds of a round:
@@ -770,10 +768,15 @@ class Peer:
         connection = self._incoming.pop(action.name, None) or \
             self._links.close_link(action.name)
         if connection is not None:
-            closing = asyncio.ensure_future(close_within(
-                connection, CLOSE_SECONDS, code=1008, reason=(action.detail or "")[:120]))
-            self._links.tasks.add(closing)
-            closing.add_done_callback(self._links.tasks.discard)
+            self._close_soon(connection, code=1008, reason=(action.detail or "")[:120])
+
+    def _close_soon(self, connection: Connection, code: int = 1000, reason: str = "") -> None:
+        """Close ``connection`` in the background (held with the links' tasks, so that
+        closing the peer waits for it or cancels it)."""
+        closing = asyncio.ensure_future(close_within(connection, CLOSE_SECONDS, code=code,
+                                                     reason=reason))
+        self._links.tasks.add(closing)
+        closing.add_done_callback(self._links.tasks.discard)
 
     def _bind(self, action: Bind) -> None:
         connection = self._incoming.get(action.connection)

@@ -34,7 +34,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -250,6 +250,20 @@ class _LoopTransport:
         self._loop._finish(action.outcome)
 
 
+_Shared = TypeVar("_Shared")
+
+
+def per_loop(registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Shared],
+             make: Callable[[], _Shared]) -> _Shared:
+    """The running loop's entry of ``registry``, made on first use: what every party
+    driven by one event loop shares (its turn, its dialling slots)."""
+    loop = asyncio.get_running_loop()
+    shared = registry.get(loop)
+    if shared is None:
+        shared = registry[loop] = make()
+    return shared
+
+
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
     weakref.WeakKeyDictionary()
 
@@ -266,11 +280,7 @@ async def turn() -> AsyncIterator[None]:
     lets one party step per iteration, with the loop's I/O (pings, pongs, handshakes)
     in between. A loop with one party (a peer process) only pays one iteration per
     frame."""
-    loop = asyncio.get_running_loop()
-    lock = _turns.get(loop)
-    if lock is None:
-        lock = _turns[loop] = asyncio.Lock()
-    async with lock:
+    async with per_loop(_turns, asyncio.Lock):
         yield
         await asyncio.sleep(0)
 

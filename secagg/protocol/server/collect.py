@@ -167,38 +167,32 @@ class CollectPhase(ServerPhase):
         # learn of them too, or it waits for their sums until its deadline. (Peers
         # that shared keys see each other go; without masks tree relatives may never
         # have been connected.)
-        gone = [u, *self._gone_below(u)]
+        below_gone, orphans = self._below(u)
+        gone = [u, *below_gone]
         # And whoever sent its sum to u must send it again, higher up. A child whose
         # relay died sees the link close; one whose relay stalled sees nothing (peer
         # links carry no keepalive: only we ping), so we tell it.
         return [*(ctx.send(v, PeerDropped(peer=g)) for v in waiting if ctx.live(v)
                   for g in gone),
-                *(ctx.send(c, PeerDropped(peer=u)) for c in self._orphans_of(u))], self
+                *(ctx.send(c, PeerDropped(peer=u)) for c in orphans)], self
 
-    def _orphans_of(self, u: int) -> list[int]:
-        """The live peers below ``u`` with nothing but gone peers between them and
-        ``u``: those whose sums went to ``u`` (straight, or re-routed past the dead)."""
+    def _below(self, u: int) -> tuple[list[int], list[int]]:
+        """Below ``u``, down to the first live peer on each path: the gone peers (its
+        gone children, theirs, and so on), and the live ones, sorted (the orphans,
+        whose sums went to ``u``, straight or re-routed past the dead)."""
         live, tree = self.ctx.live, self.tree
-        found: list[int] = []
+        gone: list[int] = []
+        orphans: list[int] = []
         stack = list(tree.children(u))
         while stack:
             child = stack.pop()
             if live(child):
-                found.append(child)
-            else:
-                stack += tree.children(child)
-        return sorted(found)
-
-    def _gone_below(self, u: int) -> list[int]:
-        """The gone children of ``u``, their gone children, and so on."""
-        gone, tree = self.ctx.gone, self.tree
-        found: list[int] = []
-        stack = [c for c in tree.children(u) if c in gone]
-        while stack:
-            child = stack.pop()
-            found.append(child)
-            stack += [c for c in tree.children(child) if c in gone]
-        return found
+                orphans.append(child)
+                continue
+            if child in self.ctx.gone:
+                gone.append(child)
+            stack += tree.children(child)
+        return gone, sorted(orphans)
 
     def on_ancestors_unreachable(self, origin: str, env: Envelope) -> Step:
         ctx = self.ctx
